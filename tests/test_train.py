@@ -107,7 +107,11 @@ def test_sft_mask_covers_exactly_assistant_tokens():
       {"role": "assistant", "content": "8.", "reasoning_content": "add them"},
   ]
   ids, w = data.chat_document(tok, messages)
-  assert ids.tolist() == tok.encode(chat.render(messages, add_generation_prompt=False), allow_special=True)
+  # The inference rendering, except that trained assistant turns keep their reasoning.
+  rendered = chat.render(messages, add_generation_prompt=False)
+  assert ids.tolist() == tok.encode(rendered.replace("<think></think>8.", "<think>add them</think>8."),
+                                    allow_special=True)
+  assert "<think>add them</think>8." not in rendered
   # Weighted tokens form one span per assistant reply: after the assistant header, up to its <|im_end|>.
   edges = np.flatnonzero(np.diff(np.concatenate([[0.0], w, [0.0]])))
   spans = list(zip(edges[::2], edges[1::2]))

@@ -38,15 +38,18 @@ def _text_doc(tokenizer, text: str, add_bos: bool = True, add_eos: bool = True) 
 def chat_document(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> Document:
   """A conversation rendered by `chat.render`, weight 1 only on assistant replies (body + <|im_end|>).
 
-  Tokenised piece by piece: every piece starts and ends at a special token, so the pieces' ids join
-  to the ids of the whole text (checked).
+  Every assistant turn keeps its reasoning: these are training targets, and a thinking model trained
+  on `<think></think>answer` learns not to think (spec §3). Tokenised piece by piece: every piece
+  starts and ends at a special token, so the pieces' ids join to the ids of the whole text (checked).
   """
-  full = chat.render(messages, tools=tools, add_generation_prompt=False)
+  rendered = chat.render(messages, tools=tools, add_generation_prompt=False)
   last_plain = chat.last_plain_assistant_index(messages)
-  pieces = [chat.render_message(m, keep_reasoning=i > last_plain) for i, m in enumerate(messages)]
-  body = "".join(pieces)
-  if not full.endswith(body):
+  served = "".join(chat.render_message(m, keep_reasoning=i > last_plain) for i, m in enumerate(messages))
+  if not rendered.endswith(served):
     raise ValueError("chat.render output does not end with the rendered messages")
+  pieces = [chat.render_message(m, keep_reasoning=True) for m in messages]
+  body = "".join(pieces)
+  full = rendered[: len(rendered) - len(served)] + body
   ids, weights = [], []
 
   def add(text: str, w: float):

@@ -1,0 +1,141 @@
+"""The environment interface shared by RL, SFT warm start and the test-time-scaling sweep.
+
+An environment makes verifiable tasks from a seed (no downloads): `reset(seed)` gives the prompt
+messages and tool declarations, `tool_fns(task)` the callable tools, `score(task, trajectory)` a
+reward in [0, 1] with an info dict, and `sft_examples(seed, n)` warm-start conversations in the K2
+chat format (reasoning in `reasoning_content`, tool calls, final answer).
+
+Training and evaluation seeds are disjoint: `task_seeds("eval", n)` starts at `EVAL_SEED_OFFSET`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from k2jax.infer.tools import Tool
+
+EVAL_SEED_OFFSET = 1_000_000_000  # training seeds lie below, held-out evaluation seeds from here on
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  seed: int
+  messages: list[dict]   # system/user messages to render (k2jax.chat)
+  tools: list[dict]      # tool declarations offered for this task ([] when none is needed)
+  answer: str            # canonical final answer
+
+
+@runtime_checkable
+class Env(Protocol):
+  name: str
+
+  def reset(self, seed: int) -> Task: ...
+
+  def tool_fns(self, task: Task) -> dict[str, Tool]: ...
+
+  def extract_answer(self, text: str) -> str | None: ...
+
+  def score(self, task: Task, trajectory: Any) -> tuple[float, dict]: ...
+
+  def sft_examples(self, seed: int, n: int) -> list[list[dict]]: ...
+
+
+def task_seeds(split: str, n: int, start: int = 0) -> list[int]:
+  """`n` task seeds of a split ('train' or 'eval'); the two never overlap."""
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if start < 0 or start + n > EVAL_SEED_OFFSET:
+    raise ValueError(f"seeds [{start}, {start + n}) leave the split's range of {EVAL_SEED_OFFSET}")
+  base = EVAL_SEED_OFFSET if split == "eval" else 0
+  return [base + start + i for i in range(n)]
+
+
+# ------------------------------------------------------------------ answers in digits
+
+
+def spaced(number: int | str) -> str:
+  """'936' -> '9 3 6': the tiny tokenizer merges up to three digits, spaces give one token per digit."""
+  return " ".join(str(number))
+
+
+def extract_digits(text: str | None) -> str | None:
+  """The final answer of a reply as a digit string ('9 3 6.' -> '936'), or None when it holds none or
+  more than one number. Spaces between single digits join them. Model text is hostile: over-long
+  text is refused, nothing is evaluated."""
+  if text is None or len(text) > 512:
+    return None
+  words = text.replace(",", " ").strip().rstrip(".").split()
+  if not words or not all(w.isdigit() and w.isascii() for w in words):
+    return None
+  if len(words) > 1 and not all(len(w) == 1 for w in words):
+    return None
+  return "".join(words).lstrip("0") or "0"
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def _final_text(trajectory: Any) -> tuple[str | None, dict]:
+  """(final answer text, format facts) of an agent `Trajectory` or of a plain reply string."""
+  if trajectory is None or isinstance(trajectory, str):
+    return trajectory, {"parse_errors": 0, "failed_tool_calls": 0, "tool_calls": 0, "answered": trajectory is not None}
+  s = trajectory.summary()
+  return trajectory.final_answer, {"parse_errors": s["parse_errors"], "failed_tool_calls": s["failed_tool_calls"],
+                                   "tool_calls": s["tool_calls"], "answered": s["stop_reason"] == "answer"}
+
+
+def format_score(facts: dict, answer: str | None) -> float:
+  """1 for a well-formed trajectory: it ends in a final answer that parses, every tool call parsed and
+  ran; partial credit otherwise."""
+  return (0.5 * (facts["answered"] and answer is not None)
+          + 0.25 * (facts["parse_errors"] == 0) + 0.25 * (facts["failed_tool_calls"] == 0))
+
+
+def score_answer(env: Env, task: Task, trajectory: Any, format_weight: float) -> tuple[float, dict]:
+  """Reward = (1 - format_weight) * correct + format_weight * format_score, in [0, 1]."""
+  text, facts = _final_text(trajectory)
+  answer = env.extract_answer(text) if text is not None else None
+  correct = answer is not None and answer == task.answer
+  fmt = format_score(facts, answer)
+  reward = (1.0 - format_weight) * float(correct) + format_weight * fmt
+  return reward, {"correct": correct, "answer": answer, "expected": task.answer, "format": fmt, **facts}
+
+
+# ------------------------------------------------------------------ heavy-mode aggregation examples
+
+
+def aggregation_examples(env: Env, seed: int, n: int, num_candidates: int = 4) -> list[list[dict]]:
+  """Conversations teaching the aggregation pass of heavy mode (`infer/heavy.py`): the task, then the
+  candidate answers in heavy mode's own prompt, then the answer most candidates agree on."""
+  from k2jax.infer.agent import Trajectory  # noqa: PLC0415
+  from k2jax.infer.heavy import DEFAULT_AGGREGATION_PROMPT, format_attempts  # noqa: PLC0415
+  rng = random.Random(f"aggregate:{env.name}:{seed}")
+  out = []
+  for i in range(n):
+    task = env.reset(seed + i)
+    right = spaced(task.answer)
+    # The right answer holds a strict plurality; the wrong ones are near misses (one digit changed).
+    n_right = rng.randint(num_candidates // 2 + (num_candidates % 2), num_candidates)
+    wrong = []
+    for _ in range(num_candidates - n_right):
+      digits = list(task.answer)
+      k = rng.randrange(len(digits))
+      digits[k] = str((int(digits[k]) + rng.randint(1, 9)) % 10)
+      wrong.append(spaced("".join(digits)))
+    answers = [right] * n_right + wrong
+    rng.shuffle(answers)
+    attempts = format_attempts([Trajectory(messages=[], final_answer=a, stop_reason="answer") for a in answers])
+    request = DEFAULT_AGGREGATION_PROMPT.format(n=len(answers), attempts=attempts)
+    votes = collections.Counter(answers).most_common(1)[0][0]
+    out.append([*task.messages, {"role": "user", "content": request},
+                {"role": "assistant", "reasoning_content": "", "content": votes}])
+  return out
+
+
+def check_tasks(tasks: Sequence[Task]) -> None:
+  for t in tasks:
+    if not t.answer:
+      raise ValueError(f"task {t.seed} has an empty answer")
