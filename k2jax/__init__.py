@@ -23,19 +23,26 @@ __all__ = [
 
 
 def from_hf(path: str, dtype=jnp.float32, *, shardings=None, strict: bool = True,
-            dequantize_experts: bool = False, progress: bool | None = None) -> K2Model:
+            dequantize_experts: bool = False, progress: bool | None = None,
+            check_finite: bool = True) -> K2Model:
   """Loads an HF checkpoint folder (config.json + safetensors) as a `K2Model`.
 
   INT4 pack-quantized routed experts (K2 Thinking) stay INT4 unless `dequantize_experts`.
   `progress`: a progress bar over the parameter leaves (default: for checkpoints over 1 GB).
+  `check_finite`: NaN / Inf weights are an error naming the file and tensor (skip for speed).
   """
+  import os  # noqa: PLC0415
+
   from k2jax import hf  # noqa: PLC0415
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path} is {'a file' if os.path.exists(path) else 'missing'}; give the checkpoint "
+                          "folder that holds config.json and the safetensors files")
   config = K2Config.from_hf(path, strict=strict)
   show = progress if progress is not None else hf.checkpoint_bytes(path) > 1e9
   bar = hf.progress_bar(config) if show else None
   try:
     p = hf.load_params(path, config, dtype, shardings, dequantize_experts=dequantize_experts,
-                       progress=bar.update_leaf if bar else None)
+                       progress=bar.update_leaf if bar else None, check_finite=check_finite)
   finally:
     if bar:
       bar.close()

@@ -12,6 +12,33 @@ class ConfigError(ValueError):
   """A configuration field is unknown, missing or inconsistent."""
 
 
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(obj, numbers: dict[str, str], ints: dict[str, str], bools: tuple[str, ...] = ()) -> None:
+  """Field types of a config dataclass; `numbers` / `ints` map a field to its rule: "pos", "nonneg", "any",
+  with a trailing "?" allowing None."""
+  def ok(v, rule, is_type):
+    if rule.endswith("?") and v is None:
+      return True
+    rule = rule.rstrip("?")
+    return is_type(v) and (rule == "any" or v > 0 or (rule == "nonneg" and v == 0))
+  for f, rule in numbers.items():
+    v = getattr(obj, f)
+    if not ok(v, rule, _is_number):
+      raise ConfigError(f"{f} must be a {'positive ' if rule.startswith('pos') else ''}number"
+                        f"{' or null' if rule.endswith('?') else ''}, got {v!r}")
+  for f, rule in ints.items():
+    v = getattr(obj, f)
+    if not ok(v, rule, lambda x: isinstance(x, int) and not isinstance(x, bool)):
+      kind = {"pos": "positive ", "nonneg": "non-negative "}.get(rule.rstrip("?"), "")
+      raise ConfigError(f"{f} must be a {kind}integer{' or null' if rule.endswith('?') else ''}, got {v!r}")
+  for f in bools:
+    if not isinstance(getattr(obj, f), bool):
+      raise ConfigError(f"{f} must be true or false, got {getattr(obj, f)!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
   """Rotary embedding on the q_pe / k_pe dims: plain (`factor=1`) or YaRN."""
@@ -27,6 +54,9 @@ class RopeConfig:
   truncate: bool = True
 
   def __post_init__(self):
+    _check_types(self, {"theta": "pos", "factor": "pos", "beta_fast": "any", "beta_slow": "any",
+                        "mscale": "any?", "mscale_all_dim": "any?", "attention_factor": "any?"},
+                 {"original_max_position_embeddings": "pos"}, ("truncate",))
     if self.kind not in ("default", "yarn"):
       raise ConfigError(f"rope type {self.kind!r} is not supported (use 'default' or 'yarn')")
     if self.kind == "yarn" and self.factor <= 0:
@@ -72,12 +102,13 @@ class K2Config:
     pos = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group")
-    for f in pos:
-      v = getattr(self, f)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"{f} must be a positive integer, got {v!r}")
-    if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-      raise ConfigError(f"q_lora_rank must be a positive integer or None, got {self.q_lora_rank!r}")
+    _check_types(self, {"routed_scaling_factor": "pos", "rms_norm_eps": "pos", "latent_norm_eps": "pos",
+                        "initializer_range": "nonneg"},
+                 {**{f: "pos" for f in pos}, "q_lora_rank": "pos?", "first_k_dense_replace": "nonneg",
+                  "n_shared_experts": "pos", "max_position_embeddings": "pos", "bos_token_id": "nonneg?",
+                  "eos_token_id": "nonneg", "pad_token_id": "nonneg?"}, ("norm_topk_prob",))
+    if not isinstance(self.rope, RopeConfig):
+      raise ConfigError(f"rope must be a RopeConfig, got {type(self.rope).__name__}")
     if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
       raise ConfigError(f"first_k_dense_replace={self.first_k_dense_replace} must lie in "
                         f"[0, num_hidden_layers={self.num_hidden_layers}]")
@@ -142,7 +173,13 @@ class K2Config:
   @classmethod
   def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True) -> "K2Config":
     """Reads an HF `config.json` (a path to it, its folder, or the parsed dict)."""
-    return _from_hf(cls, _read_json(source), strict=strict)
+    if isinstance(source, Mapping):
+      return _from_hf(cls, dict(source), strict=strict)
+    path, hf = _read_json(source)
+    try:
+      return _from_hf(cls, hf, strict=strict)
+    except ConfigError as e:
+      raise ConfigError(f"{path}: {e}") from None
 
   def to_hf(self) -> dict[str, Any]:
     """An HF `config.json` dict (DeepseekV3ForCausalLM) that round-trips through `from_hf`."""
@@ -189,19 +226,21 @@ _HF_IGNORED = {
 }
 
 
-def _read_json(source) -> dict[str, Any]:
-  if isinstance(source, Mapping):
-    return dict(source)
+def _read_json(source) -> tuple[str, dict[str, Any]]:
+  """(path, parsed object) of a config.json given as the file or its folder."""
   path = os.fspath(source)
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"no config.json at {path}")
-  with open(path) as f:
+  with open(path, "rb") as f:
     try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
+      hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConfigError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object")
+  return path, hf
 
 
 def _first_id(v):
@@ -210,10 +249,18 @@ def _first_id(v):
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
   # Old style: `rope_scaling` + top-level `rope_theta`; new style: `rope_parameters` holding both.
-  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if not isinstance(params, dict):
+    raise ConfigError(f"rope_scaling / rope_parameters must be an object, got {params!r}")
+  params = dict(params)
   theta = params.pop("rope_theta", None) or hf.get("rope_theta")
   if theta is None:
     raise ConfigError("config.json has no rope_theta (top level or in rope_parameters)")
+  for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+    if params.get(k) is not None and not _is_number(params[k]):
+      raise ConfigError(f"rope parameter {k} must be a number, got {params[k]!r}")
+  if not _is_number(theta):
+    raise ConfigError(f"rope_theta must be a number, got {theta!r}")
   kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
   params.pop("type", None)
   if kind == "default":
@@ -223,13 +270,17 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
   omax = params.pop("original_max_position_embeddings", None) or hf.get("max_position_embeddings")
   factor = params.pop("factor", None)
   if factor is None:
+    if not (_is_number(hf.get("max_position_embeddings")) and _is_number(omax) and omax > 0):
+      raise ConfigError("yarn rope without a factor needs numeric max_position_embeddings and "
+                        "original_max_position_embeddings")
     factor = hf["max_position_embeddings"] / omax
   known = {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}
   unknown = set(params) - known
   if unknown:
     raise ConfigError(f"unknown rope parameter(s) {sorted(unknown)}")
   return RopeConfig(
-      theta=float(theta), kind="yarn", factor=float(factor), original_max_position_embeddings=int(omax),
+      theta=float(theta), kind="yarn", factor=float(factor), original_max_position_embeddings=(
+          int(omax) if _is_number(omax) and float(omax).is_integer() else omax),
       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
       mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
       attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)))

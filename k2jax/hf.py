@@ -22,7 +22,7 @@ import numpy as np
 
 from k2jax import params as params_lib
 from k2jax.config import K2Config
-from k2jax.safetensors_io import Checkpoint, save_sharded
+from k2jax.safetensors_io import FLOAT_DTYPES, Checkpoint, apply_umask, save_sharded
 
 FP8_BLOCK = 128
 
@@ -126,31 +126,40 @@ def _linear_forms(ckpt: Checkpoint, base: str) -> str:
     return "fp8" if f"{base}.weight_scale_inv" in ckpt else "dense"
   if f"{base}.weight_packed" in ckpt:
     return "int4"
-  raise CheckpointError(f"missing tensor {base}.weight")
+  raise CheckpointError(f"{ckpt.folder}: missing tensor {base}.weight")
 
 
-def _expect_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]):
+def expect_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...],
+                  error=None) -> None:
+  """`name` is present, of `shape` and one of the safetensors `dtypes`; errors name the shard file."""
+  error = error or CheckpointError
+  if name not in ckpt:
+    raise error(f"{ckpt.folder}: missing tensor {name}")
   got = ckpt.shape(name)
   if tuple(got) != tuple(shape):
-    raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(shape)}")
+    raise error(f"{ckpt.file_of(name)}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+  if ckpt.dtype_name(name) not in dtypes:
+    raise error(f"{ckpt.file_of(name)}: tensor {name} has dtype {ckpt.dtype_name(name)}, expected one of "
+                f"{list(dtypes)}")
 
 
 def _check_linear(ckpt: Checkpoint, base: str, out_in: tuple[int, int]) -> list[str]:
   form = _linear_forms(ckpt, base)
   o, i = out_in
   if form == "dense":
-    _expect_shape(ckpt, f"{base}.weight", out_in)
+    expect_tensor(ckpt, f"{base}.weight", out_in, FLOAT_DTYPES)
     return [f"{base}.weight"]
   if form == "fp8":
-    _expect_shape(ckpt, f"{base}.weight", out_in)
-    _expect_shape(ckpt, f"{base}.weight_scale_inv", (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK)))
+    expect_tensor(ckpt, f"{base}.weight", out_in, ("F8_E4M3",))
+    expect_tensor(ckpt, f"{base}.weight_scale_inv", (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK)), FLOAT_DTYPES)
     return [f"{base}.weight", f"{base}.weight_scale_inv"]
   from k2jax import int4  # noqa: PLC0415
   return int4.check_hf_tensors(ckpt, base, out_in, error=CheckpointError)
 
 
 def validate(ckpt: Checkpoint, c: K2Config) -> None:
-  """Every expected tensor present with the right shape, nothing unexpected: before any data is read."""
+  """Every expected tensor present with the right shape and dtype, nothing unexpected: before any data is
+  read."""
   used: set[str] = set()
   for leaf in leaves(c):
     for layer, e in leaf.slices():
@@ -158,9 +167,7 @@ def validate(ckpt: Checkpoint, c: K2Config) -> None:
       if leaf.map.linear:
         used.update(_check_linear(ckpt, name, leaf.hf_shape))
       else:
-        if name not in ckpt:
-          raise CheckpointError(f"missing tensor {name}")
-        _expect_shape(ckpt, name, leaf.hf_shape)
+        expect_tensor(ckpt, name, leaf.hf_shape, FLOAT_DTYPES)
         used.add(name)
   # MTP (next-n prediction) layers sit after the last decoder layer; K2 has none, and they are unused.
   mtp = re.compile(rf"model\.layers\.({'|'.join(str(k) for k in range(c.num_hidden_layers, c.num_hidden_layers + 4))})\.")
@@ -168,7 +175,9 @@ def validate(ckpt: Checkpoint, c: K2Config) -> None:
                       if n not in used and not mtp.match(n) and not any(p.match(n) for p in _IGNORED))
   if unexpected:
     more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-    raise CheckpointError(f"unexpected tensor(s) {unexpected[:5]}{more}")
+    files = sorted({os.path.basename(ckpt.file_of(n)) for n in unexpected})
+    raise CheckpointError(f"{ckpt.folder}: unexpected tensor(s) {unexpected[:5]}{more} in {files[:3]} "
+                          "(the checkpoint does not match config.json)")
 
 
 def read_linear(ckpt: Checkpoint, base: str) -> np.ndarray:
@@ -234,13 +243,15 @@ def _load_int4_leaf(leaf: Leaf, ckpt: Checkpoint, shardings):
 
 
 def load_params(folder: str, c: K2Config, dtype=jnp.float32, shardings: dict | None = None,
-                progress: Callable[[str], None] | None = None, dequantize_experts: bool = False) -> dict:
+                progress: Callable[[str], None] | None = None, dequantize_experts: bool = False,
+                check_finite: bool = True) -> dict:
   """The parameter tree from an HF checkpoint folder (dense, FP8 block-scaled or INT4 pack-quantized).
 
   INT4 routed experts stay INT4 (`int4.QuantizedWeight` leaves) unless `dequantize_experts`.
+  `check_finite`: a NaN or Inf in any float tensor is an error naming the file and tensor.
   """
   from k2jax import int4  # noqa: PLC0415
-  ckpt = Checkpoint(folder)
+  ckpt = Checkpoint(folder, check_finite=check_finite)
   validate(ckpt, c)
   flat_shardings = {}
   if shardings is not None:
@@ -326,6 +337,7 @@ def save_hf(params: dict, c: K2Config, folder: str, dtype=None, max_shard_bytes:
   experts = params.get("moe_layers", {}).get("moe", {}).get("experts", {})
   c = c.replace(expert_quant="int4" if any(isinstance(w, int4.QuantizedWeight) for w in experts.values()) else None)
   tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
+  apply_umask(tmp, folder=True)
   try:
     save_sharded(hf_tensors(params, c, dtype), tmp, max_shard_bytes)
     with open(os.path.join(tmp, "config.json"), "w") as f:

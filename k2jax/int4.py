@@ -245,22 +245,30 @@ def to_hf(w: QuantizedWeight) -> dict[str, np.ndarray]:
 HF_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 
 
+# Storage dtypes compressed-tensors uses (safetensors names).
+HF_DTYPES = {"weight_packed": ("I32",), "weight_scale": ("BF16", "F16", "F32"), "weight_shape": ("I32", "I64")}
+
+
 def check_hf_tensors(ckpt, base: str, out_in: tuple[int, int], error=ValueError) -> list[str]:
-  """Check `{base}.weight_packed/_scale/_shape` shapes in a checkpoint (`in`, `.shape(name)`) without
-  reading data; returns the names present. `weight_shape` is optional."""
+  """Check `{base}.weight_packed/_scale/_shape` shapes and dtypes in a checkpoint (`in`, `.shape(name)`,
+  `.dtype_name(name)`) without reading data; returns the names present. `weight_shape` is optional."""
   out_f, in_f = out_in
   if in_f % GROUP:
     raise error(f"{base}: input dim {in_f} is not a multiple of the group size {GROUP}")
   want = {"weight_packed": (out_f, in_f // PER_WORD), "weight_scale": (out_f, in_f // GROUP), "weight_shape": (2,)}
+  where = getattr(ckpt, "file_of", lambda name: "checkpoint")
   names = []
   for suffix in HF_SUFFIXES:
     name = f"{base}.{suffix}"
     if name not in ckpt:
       if suffix == "weight_shape":
         continue
-      raise error(f"missing tensor {name}")
+      raise error(f"{getattr(ckpt, 'folder', 'checkpoint')}: missing tensor {name}")
     if tuple(ckpt.shape(name)) != want[suffix]:
-      raise error(f"tensor {name} has shape {list(ckpt.shape(name))}, expected {list(want[suffix])}")
+      raise error(f"{where(name)}: tensor {name} has shape {list(ckpt.shape(name))}, expected {list(want[suffix])}")
+    if hasattr(ckpt, "dtype_name") and ckpt.dtype_name(name) not in HF_DTYPES[suffix]:
+      raise error(f"{where(name)}: tensor {name} has dtype {ckpt.dtype_name(name)}, expected one of "
+                  f"{list(HF_DTYPES[suffix])}")
     names.append(name)
   return names
 
@@ -268,8 +276,13 @@ def check_hf_tensors(ckpt, base: str, out_in: tuple[int, int], error=ValueError)
 def read_hf(ckpt, base: str) -> QuantizedWeight:
   """One INT4 linear from a checkpoint (`in`, `.get(name)`) as a numpy QuantizedWeight W[in, out]."""
   shape_name = f"{base}.weight_shape"
-  return from_hf(ckpt.get(f"{base}.weight_packed"), ckpt.get(f"{base}.weight_scale"),
-                 ckpt.get(shape_name) if shape_name in ckpt else None)
+  tensors = (ckpt.get(f"{base}.weight_packed"), ckpt.get(f"{base}.weight_scale"),
+             ckpt.get(shape_name) if shape_name in ckpt else None)
+  try:
+    return from_hf(*tensors)
+  except ValueError as e:
+    where = ckpt.file_of(f"{base}.weight_packed") if hasattr(ckpt, "file_of") else "checkpoint"
+    raise ValueError(f"{where}: {base}: {e}") from None
 
 
 def read_hf_dequantized(ckpt, base: str) -> np.ndarray:

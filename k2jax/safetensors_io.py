@@ -6,6 +6,7 @@ little-endian data. No pickle is ever loaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -27,24 +28,97 @@ class SafetensorsError(ValueError):
   pass
 
 
+# The safetensors reference implementation refuses headers over 100 MB; real ones are a few MB.
+MAX_HEADER_BYTES = 100 << 20
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def current_umask() -> int:
+  """The process umask, read without changing it where Linux allows."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def apply_umask(path: str, folder: bool = False) -> None:
+  """Gives a file made by `tempfile` (0600 / 0700) the mode an ordinary `open` would have given it."""
+  os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 class SafetensorsFile:
-  """Lazy access to the tensors of one `.safetensors` file."""
+  """Lazy access to the tensors of one `.safetensors` file.
+
+  The header is validated in full on open (names, dtypes, shapes, byte ranges in bounds, of the size
+  shape x dtype, not overlapping), so a truncated or forged file fails here, naming the file and tensor.
+  Tensors are read with plain file reads, not a memory map: a streaming reader's memory stays bounded.
+  """
 
   def __init__(self, path: str):
     self.path = path
+    if not os.path.isfile(path):
+      raise SafetensorsError(f"{path}: not a file")
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
       head = f.read(8)
       if len(head) != 8:
         raise SafetensorsError(f"{path}: too short to be a safetensors file")
       (n,) = struct.unpack("<Q", head)
+      if n > min(size - 8, MAX_HEADER_BYTES):
+        raise SafetensorsError(f"{path}: header length {n} exceeds the file ({size} bytes) or the "
+                               f"{MAX_HEADER_BYTES >> 20} MB limit; truncated or not a safetensors file")
       try:
         header = json.loads(f.read(n))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
-    self.metadata = header.pop("__metadata__", {}) or {}
-    self.entries: dict = header
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+      raise SafetensorsError(f"{path}: __metadata__ must map names to strings")
+    self.metadata = meta
     self._data_start = 8 + n
-    self._mmap: np.memmap | None = None
+    self.entries: dict = {name: self._entry(name, e, size - self._data_start) for name, e in header.items()}
+    spans = sorted((e["data_offsets"], name) for name, e in self.entries.items())
+    for ((_, end), a), ((start, _), b) in zip(spans, spans[1:]):
+      if start < end:
+        raise SafetensorsError(f"{path}: tensors {a!r} and {b!r} overlap (byte ranges "
+                               f"{self.entries[a]['data_offsets']} and {self.entries[b]['data_offsets']})")
+
+  def _entry(self, name, e, data_bytes: int) -> dict:
+    where = f"{self.path}: tensor {name!r}"
+    if not isinstance(e, dict):
+      raise SafetensorsError(f"{where}: header entry is not an object")
+    missing = {"dtype", "shape", "data_offsets"} - set(e)
+    if missing:
+      raise SafetensorsError(f"{where}: header entry lacks {sorted(missing)}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if dtype not in DTYPES:
+      raise SafetensorsError(f"{where} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+      raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]):
+      raise SafetensorsError(f"{where}: data_offsets {offsets!r} must be two integers 0 <= begin <= end")
+    if offsets[1] > data_bytes:
+      raise SafetensorsError(f"{where}: data_offsets {offsets} run past the end of the file's data "
+                             f"({data_bytes} bytes); the file is truncated")
+    want = DTYPES[dtype].itemsize * math.prod(shape)
+    if offsets[1] - offsets[0] != want:
+      raise SafetensorsError(f"{where}: byte range {offsets} holds {offsets[1] - offsets[0]} bytes, but "
+                             f"shape {shape} of {dtype} needs {want}")
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -55,33 +129,40 @@ class SafetensorsFile:
   def dtype_name(self, name: str) -> str:
     return self.entries[name]["dtype"]
 
+  def nbytes(self, name: str) -> int:
+    start, end = self.entries[name]["data_offsets"]
+    return end - start
+
   def get(self, name: str) -> np.ndarray:
     e = self.entries[name]
-    if e["dtype"] not in DTYPES:
-      raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-    if self._mmap is None:
-      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     start, end = e["data_offsets"]
-    raw = self._mmap[self._data_start + start:self._data_start + end]
-    dt = DTYPES[e["dtype"]]
-    if raw.size != dt.itemsize * int(np.prod(e["shape"], dtype=np.int64)):
-      raise SafetensorsError(f"{self.path}: tensor {name!r} byte range does not match shape {e['shape']}")
-    return raw.view(dt).reshape(e["shape"])
+    buf = np.empty(end - start, np.uint8)
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self._data_start + start)
+      got = f.readinto(memoryview(buf))
+      while got < buf.size:  # readinto may return short on large reads
+        more = f.readinto(memoryview(buf)[got:])
+        if not more:
+          raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended while reading (truncated)")
+        got += more
+    return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
 class Checkpoint:
   """All tensors of a checkpoint folder: `model.safetensors.index.json` shards or loose files."""
 
-  def __init__(self, folder: str):
+  def __init__(self, folder: str, check_finite: bool = True):
     self.folder = folder
+    self.check_finite = check_finite
+    if not os.path.isdir(folder):
+      what = "a file" if os.path.exists(folder) else "missing"
+      raise SafetensorsError(f"{folder} is {what}; give the checkpoint folder (config.json + safetensors)")
     index = os.path.join(folder, "model.safetensors.index.json")
     self._files: dict[str, SafetensorsFile] = {}
     self.where: dict[str, str] = {}
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      for name, fname in weight_map.items():
-        self.where[name] = fname
+      weight_map = _read_index(index)
+      self.where.update(weight_map)
       for fname in sorted(set(weight_map.values())):
         path = os.path.join(folder, fname)
         if not os.path.exists(path):
@@ -90,6 +171,11 @@ class Checkpoint:
       for name, fname in weight_map.items():
         if name not in self._files[fname].entries:
           raise SafetensorsError(f"{index} puts {name!r} in {fname}, which does not hold it")
+      for fname, sf in self._files.items():
+        stray = [n for n in sf.keys() if weight_map.get(n) != fname]
+        if stray:
+          raise SafetensorsError(f"{os.path.join(folder, fname)} holds {stray[:3]}, which {index} does not "
+                                 "place there")
     else:
       names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
       if not names:
@@ -108,14 +194,51 @@ class Checkpoint:
   def keys(self) -> list[str]:
     return list(self.where)
 
+  def files(self) -> dict[str, SafetensorsFile]:
+    return dict(self._files)
+
+  def file_of(self, name: str) -> str:
+    """The path of the shard holding `name` (for error messages)."""
+    return self._files[self.where[name]].path
+
   def shape(self, name: str) -> tuple[int, ...]:
     return self._files[self.where[name]].shape(name)
 
   def dtype_name(self, name: str) -> str:
     return self._files[self.where[name]].dtype_name(name)
 
+  def nbytes(self, name: str) -> int:
+    return self._files[self.where[name]].nbytes(name)
+
   def get(self, name: str) -> np.ndarray:
-    return self._files[self.where[name]].get(name)
+    """The tensor's data; with `check_finite`, a float tensor holding NaN or Inf is an error."""
+    a = self._files[self.where[name]].get(name)
+    if self.check_finite and self.dtype_name(name) not in INT_DTYPES:
+      bad = ~np.isfinite(a)
+      if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), a.shape) if a.ndim else ()
+        raise SafetensorsError(f"{self.file_of(name)}: tensor {name!r} has {int(bad.sum())} NaN/Inf value(s) "
+                               f"(first at index {list(map(int, first))}); pass check_finite=False "
+                               "(--allow_nonfinite) to load it anyway")
+    return a
+
+
+def _read_index(index: str) -> dict[str, str]:
+  """`weight_map` of a `model.safetensors.index.json`, checked: tensor name -> shard file in the folder."""
+  try:
+    with open(index) as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise SafetensorsError(f"{index} is not valid JSON ({e})") from None
+  weight_map = data.get("weight_map") if isinstance(data, dict) else None
+  if not isinstance(weight_map, dict):
+    raise SafetensorsError(f"{index} has no 'weight_map' object")
+  for name, fname in weight_map.items():
+    if (not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", "..")
+        or not fname.endswith(".safetensors")):
+      raise SafetensorsError(f"{index}: tensor {name!r} maps to {fname!r}, not a .safetensors file name "
+                             "in the checkpoint folder")
+  return weight_map
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
@@ -141,7 +264,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
       f.write(struct.pack("<Q", len(blob)))
       f.write(blob)
       for a in arrays:
-        f.write(a.tobytes())
+        f.write(a.reshape(-1).view(np.uint8).data)
+    apply_umask(tmp)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
