@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.data.batch_size = 8
   cfg.data.seq_len = 128
   cfg.data.seed = 0
+  cfg.data.chat_targets = "last"  # chat data: train the turns after the last user message, or "all"
 
   cfg.num_steps = 300
   cfg.stop_after_steps = 0       # > 0: stop early (the schedule still spans num_steps)

@@ -1,8 +1,9 @@
 """K2 Thinking chat format: render OpenAI-style messages to prompt text, parse generated text back.
 
-Rendering follows the K2 Thinking chat template (spec §3): a tools declaration, a default system
-message, one block per message with no separators, and reasoning kept only for assistant turns after
-the last assistant message without tool calls. Parsing never raises on model output: every problem
+Rendering follows the K2 Thinking chat template (spec §3): a tools declaration (`tools | tojson`), a
+default system message, one block per message with no separators, and reasoning kept only for
+assistant turns after the last assistant message without tool calls (training targets keep theirs,
+see `reasoning_kept`). Parsing never raises on model output: every problem
 comes back as a `ParseError` whose message can be shown to the model.
 """
 
@@ -65,11 +66,17 @@ def format_arguments(arguments: Any) -> str:
   """Arguments as the template writes them: strings verbatim, anything else as standard JSON."""
   if isinstance(arguments, str):
     return arguments
-  return json.dumps(arguments, ensure_ascii=False)
+  return tojson(arguments)
 
 
-def render_tools_declaration(tools: Sequence[Mapping[str, Any]]) -> str:
-  tools_json = json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"))
+def tojson(value: Any, sort_keys: bool = False) -> str:
+  """The template's `tojson`: `json.dumps` with its default separators (", " and ": ") and non-ASCII
+  kept; keys stay in the caller's order unless `sort_keys` (recursive)."""
+  return json.dumps(value, ensure_ascii=False, sort_keys=sort_keys)
+
+
+def render_tools_declaration(tools: Sequence[Mapping[str, Any]], sort_keys: bool = False) -> str:
+  tools_json = tojson(list(tools), sort_keys=sort_keys)
   return f"{IM_SYSTEM}tool_declare{IM_MIDDLE}{tools_json}{IM_END}"
 
 
@@ -108,6 +115,20 @@ def last_plain_assistant_index(messages: Sequence[Message]) -> int:
   return -1
 
 
+def reasoning_kept(messages: Sequence[Message], keep_reasoning_from: int | None = None) -> list[bool]:
+  """Which messages render their reasoning.
+
+  Inference (`keep_reasoning_from=None`): reasoning of turns up to the last finished answer is
+  dropped; later turns (a tool-call chain still in progress) keep theirs, so the model sees its own
+  interleaved thinking. Training: messages from `keep_reasoning_from` on are targets and keep their
+  reasoning (a thinking model trained on `<think></think>answer` learns not to think); the history
+  before them renders as it would in the prompt that produced them.
+  """
+  start = len(messages) if keep_reasoning_from is None else keep_reasoning_from
+  last_plain = last_plain_assistant_index(messages[:start])
+  return [index > last_plain or index >= start for index in range(len(messages))]
+
+
 def render_message(message: Message, keep_reasoning: bool = True) -> str:
   header = message.get("name") or message["role"]
   role_token = _ROLE_TOKENS.get(message["role"], IM_SYSTEM)
@@ -118,21 +139,25 @@ def render(
   messages: Sequence[Message],
   tools: Sequence[Mapping[str, Any]] | None = None,
   add_generation_prompt: bool = True,
+  *,
+  sort_tool_keys: bool = False,
+  keep_reasoning_from: int | None = None,
 ) -> str:
-  """Prompt text for a conversation, as the K2 Thinking chat template writes it."""
+  """Prompt text for a conversation, as the K2 Thinking chat template writes it.
+
+  `sort_tool_keys` sorts the keys of the tool declarations recursively (off: the caller's order, as
+  the released template writes them). `keep_reasoning_from`: see `reasoning_kept`.
+  """
   for index, message in enumerate(messages):
     if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
       raise ValueError(f"message {index} must be a mapping with a string 'role'")
   parts = []
   if tools:
-    parts.append(render_tools_declaration(tools))
+    parts.append(render_tools_declaration(tools, sort_keys=sort_tool_keys))
   if not messages or messages[0]["role"] != "system":
     parts.append(f"{IM_SYSTEM}system{IM_MIDDLE}{DEFAULT_SYSTEM_PROMPT}{IM_END}")
-  # Reasoning of turns up to the last finished answer is dropped; later turns (a tool-call chain
-  # still in progress) keep theirs, so the model sees its own interleaved thinking.
-  last_plain = last_plain_assistant_index(messages)
-  for index, message in enumerate(messages):
-    parts.append(render_message(message, keep_reasoning=index > last_plain))
+  for message, keep in zip(messages, reasoning_kept(messages, keep_reasoning_from)):
+    parts.append(render_message(message, keep_reasoning=keep))
   if add_generation_prompt:
     parts.append(GENERATION_PROMPT)
   return "".join(parts)

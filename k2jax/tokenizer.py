@@ -249,13 +249,18 @@ class Tokenizer:
     return self.id_of(EOS_TOKEN)
 
   @property
+  def doc_eos_id(self) -> int:
+    """[EOS]: the end of a plain-text document."""
+    return self.id_of(DOC_EOS_TOKEN)
+
+  @property
   def pad_id(self) -> int:
     return self.id_of(PAD_TOKEN)
 
   @property
   def stop_ids(self) -> frozenset[int]:
     """Ids that end generation: the end of a chat turn, and the end of a document."""
-    return frozenset({self.eos_id, self.id_of(DOC_EOS_TOKEN)})
+    return frozenset({self.eos_id, self.doc_eos_id})
 
   def stream_decoder(self) -> StreamDecoder:
     return StreamDecoder(self)

@@ -86,9 +86,10 @@ def tool_chain_messages() -> list[dict]:
 
 
 def test_tool_chain_keeps_reasoning_only_after_last_plain_answer():
+  # `tools | tojson`: default separators, keys in the caller's order, non-ASCII kept.
   tools_json = (
-    '[{"type":"function","function":{"name":"calculator","description":"Évalue une expression",'
-    '"parameters":{"type":"object","properties":{"expression":{"type":"string"}},"required":["expression"]}}}]'
+    '[{"type": "function", "function": {"name": "calculator", "description": "Évalue une expression", '
+    '"parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]'
   )
   expected = (
     f"<|im_system|>tool_declare<|im_middle|>{tools_json}<|im_end|>"
@@ -295,3 +296,65 @@ def test_parse_survives_random_corruption():
     parsed = parse("".join(corrupted))
     assert isinstance(parsed, ParsedMessage)
     render([{"role": "user", "content": "q"}, to_message(parsed)])
+
+
+def _hf_tojson(tools, sort_keys=False) -> str:
+  """The declaration as HF transformers' chat-template engine writes `tools | tojson`."""
+  pytest.importorskip("transformers")
+  from transformers.utils.chat_template_utils import _compile_jinja_template  # noqa: PLC0415
+  template = "{{ tools | tojson(sort_keys=true) }}" if sort_keys else "{{ tools | tojson }}"
+  return _compile_jinja_template(template).render(tools=tools)
+
+
+def _random_tool(rng: random.Random) -> dict:
+  def value(depth):
+    kind = rng.randrange(5 if depth < 3 else 3)
+    if kind == 0:
+      return rng.choice(["x", "Évalue", "北京", 'quote " and \\ back', "tab\tnew\nline", "🙂"])
+    if kind == 1:
+      return rng.choice([0, -3, 2.5, True, False, None])
+    if kind == 2:
+      return rng.randrange(1000)
+    if kind == 3:
+      return [value(depth + 1) for _ in range(rng.randrange(3))]
+    keys = rng.sample(["zeta", "alpha", "type", "name", "mu", "description", "b", "a"], rng.randrange(1, 5))
+    return {k: value(depth + 1) for k in keys}
+  return {"type": "function", "function": {"name": f"tool_{rng.randrange(100)}", "parameters": value(0),
+                                           "description": value(2)}}
+
+
+@pytest.mark.parametrize("sort_keys", [False, True])
+def test_tools_declaration_bytes_match_hf_tojson(sort_keys):
+  rng = random.Random(7)
+  for _ in range(20):
+    tools = [_random_tool(rng) for _ in range(rng.randrange(1, 4))]
+    text = render([{"role": "user", "content": "q"}], tools=tools, sort_tool_keys=sort_keys)
+    declaration = f"<|im_system|>tool_declare<|im_middle|>{_hf_tojson(tools, sort_keys)}<|im_end|>"
+    assert text.startswith(declaration + SYS_DEFAULT)
+  # Off by default: the caller's key order; on: sorted at every depth.
+  tools = [{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": {"y": 2, "b": 3}}}}]
+  assert '{"z": 1, "a": {"y": 2, "b": 3}}' in render([], tools=tools)
+  assert '"parameters": {"a": {"b": 3, "y": 2}, "z": 1}' in render([], tools=tools, sort_tool_keys=True)
+
+
+def test_training_targets_keep_reasoning_history_follows_the_inference_rule():
+  messages = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4", "reasoning_content": "add two and two"},
+    {"role": "user", "content": "times 3?"},
+    {"role": "assistant", "content": "", "reasoning_content": "use the tool", "tool_calls": [call(0, "calc", {"e": "4*3"})]},
+    {"role": "tool", "tool_call_id": "functions.calc:0", "content": "12"},
+    {"role": "assistant", "content": "12", "reasoning_content": "the tool says 12"},
+  ]
+  # Inference: everything up to the last plain answer loses its reasoning.
+  assert render(messages).count("<think></think>") == 3
+  # Targets from index 3: the final chain keeps its reasoning; the history renders exactly as the
+  # prompt that produced message 3 does.
+  text = render(messages, add_generation_prompt=False, keep_reasoning_from=3)
+  prompt = render(messages[:3])
+  assert text.startswith(prompt.removesuffix(GEN))
+  assert "<think></think>4" in text
+  for reasoning in ("use the tool", "the tool says 12"):
+    assert f"<think>{reasoning}</think>" in text
+  everything = render(messages, keep_reasoning_from=0)
+  assert "<think></think>" not in everything and "<think>add two and two</think>4" in everything

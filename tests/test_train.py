@@ -97,35 +97,71 @@ def test_qat_uses_fake_quantised_experts(setup):
   assert float(loss_qat) != float(loss_plain)
 
 
+def _weighted_spans(w):
+  edges = np.flatnonzero(np.diff(np.concatenate([[0.0], w, [0.0]])))
+  return list(zip(edges[::2], edges[1::2]))
+
+
 def test_sft_mask_covers_exactly_assistant_tokens():
   tok = tiny_tokenizer()
   messages = [
       {"role": "system", "content": "Be brief."},
       {"role": "user", "content": "What is 2 plus 3?"},
-      {"role": "assistant", "content": "5."},
+      {"role": "assistant", "content": "5.", "reasoning_content": "small sum"},
       {"role": "user", "content": "And 4 plus 4?"},
       {"role": "assistant", "content": "8.", "reasoning_content": "add them"},
   ]
-  ids, w = data.chat_document(tok, messages)
-  # The inference rendering, except that trained assistant turns keep their reasoning.
-  rendered = chat.render(messages, add_generation_prompt=False)
-  assert ids.tolist() == tok.encode(rendered.replace("<think></think>8.", "<think>add them</think>8."),
-                                    allow_special=True)
-  assert "<think>add them</think>8." not in rendered
-  # Weighted tokens form one span per assistant reply: after the assistant header, up to its <|im_end|>.
-  edges = np.flatnonzero(np.diff(np.concatenate([[0.0], w, [0.0]])))
-  spans = list(zip(edges[::2], edges[1::2]))
-  assert len(spans) == 2
   header = chat.IM_ASSISTANT + "assistant" + chat.IM_MIDDLE
-  for (s, e), answer in zip(spans, ["5.", "8."]):
-    assert tok.decode(ids[:s].tolist()).endswith(header)
-    text = tok.decode(ids[s:e].tolist())
-    assert text.endswith(answer + chat.IM_END) and chat.IM_USER not in text
+  for targets, answers in (("all", ["<think>small sum</think>5.", "<think>add them</think>8."]),
+                           ("last", ["<think>add them</think>8."])):
+    ids, w = data.chat_document(tok, messages, targets=targets)
+    start = data.target_start(messages, targets)
+    assert ids.tolist() == tok.encode(chat.render(messages, add_generation_prompt=False, keep_reasoning_from=start),
+                                      allow_special=True)
+    # Weighted tokens form one span per target reply: after the assistant header, up to its <|im_end|>.
+    spans = _weighted_spans(w)
+    assert len(spans) == len(answers)
+    for (s, e), answer in zip(spans, answers):
+      assert tok.decode(ids[:s].tolist()).endswith(header)
+      assert tok.decode(ids[s:e].tolist()) == answer + chat.IM_END
+    if targets == "last":  # the history turn renders as the prompt of the last turn shows it
+      assert "<think></think>5." in tok.decode(ids.tolist())
   # Packing shifts weights onto targets: a target is weighted iff it is an assistant token.
   rows = data.pack_rows([(ids, w)], 256)
   n = len(ids) - 1
   np.testing.assert_array_equal(rows["weights"][0, :n], w[1:])
   np.testing.assert_array_equal(rows["targets"][0, :n], ids[1:])
+
+
+def test_sft_targets_keep_their_reasoning():
+  tok = tiny_tokenizer()
+  messages = [{"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4", "reasoning_content": "add two and two"}]
+  ids, w = data.chat_document(tok, messages)
+  (s, e), = _weighted_spans(w)
+  assert tok.decode(ids[s:e].tolist()) == "<think>add two and two</think>4<|im_end|>"
+  # A tool-call chain after the last user message is trained whole, each turn with its reasoning.
+  chain = [messages[0],
+           {"role": "assistant", "content": "", "reasoning_content": "use calc",
+            "tool_calls": [{"id": "functions.calc:0", "function": {"name": "calc", "arguments": {"e": "2+2"}}}]},
+           {"role": "tool", "tool_call_id": "functions.calc:0", "content": "4"},
+           {"role": "assistant", "content": "4", "reasoning_content": "calc says 4"}]
+  ids, w = data.chat_document(tok, chain)
+  texts = [tok.decode(ids[s:e].tolist()) for s, e in _weighted_spans(w)]
+  assert len(texts) == 2 and texts[0].startswith("<think>use calc</think><|tool_calls_section_begin|>")
+  assert texts[1] == "<think>calc says 4</think>4<|im_end|>"
+  with pytest.raises(ValueError, match="no assistant reply"):
+    data.chat_document(tok, messages + [{"role": "user", "content": "and 3+3?"}])
+  with pytest.raises(ValueError, match="chat targets"):
+    data.chat_document(tok, messages, targets="first")
+
+
+def test_text_documents_end_with_the_document_eos(tmp_path):
+  tok = tiny_tokenizer()
+  (tmp_path / "a.txt").write_text("one two three\n\nfour five\n")
+  for ids, _ in data.read_documents(tmp_path / "a.txt", tok) + data.synthetic_documents(n=3, tokenizer=tok):
+    assert ids[0] == tok.bos_id and ids[-1] == tok.id_of("[EOS]") != tok.id_of("<|im_end|>")
+    assert tok.id_of("<|im_end|>") not in ids.tolist()
 
 
 def test_data_deterministic_and_resumable(tmp_path):

@@ -30,26 +30,48 @@ Document = tuple[np.ndarray, np.ndarray]  # ids [n] int32, weights [n] float32
 
 def _text_doc(tokenizer, text: str, add_bos: bool = True, add_eos: bool = True) -> Document:
   ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(text, allow_special=False)
-  ids += [tokenizer.eos_id] if add_eos else []
+  ids += [tokenizer.doc_eos_id] if add_eos else []  # [EOS] ends a document; <|im_end|> ends a chat turn
   ids = np.asarray(ids, np.int32)
   return ids, np.ones(ids.shape, np.float32)
 
 
-def chat_document(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> Document:
-  """A conversation rendered by `chat.render`, weight 1 only on assistant replies (body + <|im_end|>).
+CHAT_TARGETS = ("last", "all")
 
-  Every assistant turn keeps its reasoning: these are training targets, and a thinking model trained
-  on `<think></think>answer` learns not to think (spec §3). Tokenised piece by piece: every piece
-  starts and ends at a special token, so the pieces' ids join to the ids of the whole text (checked).
+
+def target_start(messages: Sequence[dict], targets: str = "last") -> int:
+  """Index of the first message whose assistant turns are trained.
+
+  "last": the turns after the last user message (the final answer and the tool-call chain that led
+  to it); earlier turns are history, rendered as the prompt that produced the final turn shows them
+  (reasoning dropped up to the last finished answer) and not trained. "all": every assistant turn is
+  trained and keeps its reasoning.
   """
-  rendered = chat.render(messages, tools=tools, add_generation_prompt=False)
-  last_plain = chat.last_plain_assistant_index(messages)
-  served = "".join(chat.render_message(m, keep_reasoning=i > last_plain) for i, m in enumerate(messages))
-  if not rendered.endswith(served):
-    raise ValueError("chat.render output does not end with the rendered messages")
-  pieces = [chat.render_message(m, keep_reasoning=True) for m in messages]
+  if targets not in CHAT_TARGETS:
+    raise ValueError(f"chat targets must be one of {CHAT_TARGETS}, got {targets!r}")
+  if targets == "all":
+    return 0
+  users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+  return users[-1] + 1 if users else 0
+
+
+def chat_document(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                  targets: str = "last") -> Document:
+  """A conversation rendered by `chat.render`, weight 1 only on the target assistant replies (body +
+  <|im_end|>, reasoning included); see `target_start` for which replies are targets.
+
+  Tokenised piece by piece: every piece starts and ends at a special token, so the pieces' ids join
+  to the ids of the whole text (checked).
+  """
+  start = target_start(messages, targets)
+  if not any(m["role"] == "assistant" for m in messages[start:]):
+    raise ValueError("the conversation has no assistant reply to train on"
+                     + (" after its last user message" if targets == "last" else ""))
+  full = chat.render(messages, tools=tools, add_generation_prompt=False, keep_reasoning_from=start)
+  keep = chat.reasoning_kept(messages, start)
+  pieces = [chat.render_message(m, keep_reasoning=k) for m, k in zip(messages, keep)]
   body = "".join(pieces)
-  full = rendered[: len(rendered) - len(served)] + body
+  if not full.endswith(body):
+    raise ValueError("chat.render output does not end with the rendered messages")
   ids, weights = [], []
 
   def add(text: str, w: float):
@@ -58,8 +80,8 @@ def chat_document(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | N
     weights.extend([w] * len(piece_ids))
 
   add(full[: len(full) - len(body)], 0.0)  # system prompt / tools declaration
-  for m, piece in zip(messages, pieces):
-    if m["role"] != "assistant":
+  for index, (m, piece) in enumerate(zip(messages, pieces)):
+    if m["role"] != "assistant" or index < start:
       add(piece, 0.0)
       continue
     cut = piece.index(chat.IM_MIDDLE) + len(chat.IM_MIDDLE)
@@ -70,9 +92,9 @@ def chat_document(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | N
   return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
 
 
-def _jsonl_doc(tokenizer, row: dict) -> Document:
+def _jsonl_doc(tokenizer, row: dict, chat_targets: str = "last") -> Document:
   if "messages" in row:
-    return chat_document(tokenizer, row["messages"], row.get("tools"))
+    return chat_document(tokenizer, row["messages"], row.get("tools"), chat_targets)
   for key in ("ids", "tokens", "input_ids"):
     if key in row:
       ids = np.asarray(row[key], np.int32)
@@ -82,7 +104,7 @@ def _jsonl_doc(tokenizer, row: dict) -> Document:
   raise ValueError(f"jsonl row has none of 'messages', 'ids', 'tokens', 'input_ids', 'text': {sorted(row)}")
 
 
-def read_documents(path: str | Path, tokenizer=None) -> list[Document]:
+def read_documents(path: str | Path, tokenizer=None, chat_targets: str = "last") -> list[Document]:
   """Documents from `.npy` (2-D: one per row; 1-D object array of id lists; 1-D ints: one stream),
   `.jsonl` (rows with ids / text / messages) or `.txt` (one document per blank-line-separated block)."""
   path = Path(path)
@@ -92,8 +114,15 @@ def read_documents(path: str | Path, tokenizer=None) -> list[Document]:
     return [(np.asarray(r, np.int32), np.ones(len(r), np.float32)) for r in rows]
   tokenizer = tokenizer or _default_tokenizer()
   if path.suffix in (".jsonl", ".json"):
+    docs = []
     with path.open(encoding="utf-8") as f:
-      return [_jsonl_doc(tokenizer, json.loads(line)) for line in f if line.strip()]
+      for number, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            docs.append(_jsonl_doc(tokenizer, json.loads(line), chat_targets))
+          except ValueError as e:  # json.JSONDecodeError included
+            raise ValueError(f"{path}:{number}: {e}") from None
+    return docs
   text = path.read_text(encoding="utf-8")
   return [_text_doc(tokenizer, block.strip()) for block in text.split("\n\n") if block.strip()]
 
@@ -139,21 +168,23 @@ def synthetic_chats(n: int, seed: int = 0) -> list[list[dict]]:
   return chats
 
 
-def synthetic_documents(kind: str = "text", n: int = 4000, seed: int = 0, tokenizer=None) -> list[Document]:
+def synthetic_documents(kind: str = "text", n: int = 4000, seed: int = 0, tokenizer=None,
+                        chat_targets: str = "last") -> list[Document]:
   tokenizer = tokenizer or _default_tokenizer()
   if kind == "chat":
-    return [chat_document(tokenizer, m) for m in synthetic_chats(n, seed)]
+    return [chat_document(tokenizer, m, targets=chat_targets) for m in synthetic_chats(n, seed)]
   return [_text_doc(tokenizer, t) for t in synthetic_texts(n, seed)]
 
 
 def load_split(source: str, split: str, eval_fraction: float = 0.05, seed: int = 0,
-               tokenizer=None) -> list[Document]:
+               tokenizer=None, chat_targets: str = "last") -> list[Document]:
   """`source`: 'synthetic', 'synthetic_chat' or a file path; every round(1/eval_fraction)-th document
-  is held out for eval."""
+  is held out for eval. `chat_targets`: which assistant turns of chat data are trained (`target_start`)."""
   if source in ("synthetic", "synthetic_chat"):
-    docs = synthetic_documents("chat" if source == "synthetic_chat" else "text", seed=seed, tokenizer=tokenizer)
+    docs = synthetic_documents("chat" if source == "synthetic_chat" else "text", seed=seed, tokenizer=tokenizer,
+                               chat_targets=chat_targets)
   else:
-    docs = read_documents(source, tokenizer)
+    docs = read_documents(source, tokenizer, chat_targets)
   if not docs:
     raise ValueError(f"no documents in {source!r}")
   every = max(2, round(1 / eval_fraction)) if eval_fraction > 0 else 0

@@ -71,9 +71,10 @@ def _mesh_context():
 
 def _data(cfg: ml_collections.ConfigDict):
   d = cfg.data
-  train_docs = data.load_split(d.train, "train", d.eval_fraction, d.seed)
-  eval_docs = data.load_split(d.eval, "train", 0.0) if d.eval else data.load_split(
-      d.train, "eval", d.eval_fraction, d.seed)
+  targets = d.get("chat_targets", "last")
+  train_docs = data.load_split(d.train, "train", d.eval_fraction, d.seed, chat_targets=targets)
+  eval_docs = data.load_split(d.eval, "train", 0.0, chat_targets=targets) if d.eval else data.load_split(
+      d.train, "eval", d.eval_fraction, d.seed, chat_targets=targets)
   train = data.PackedDataset(train_docs, d.batch_size, d.seq_len, seed=d.seed)
   evals = data.eval_batches(eval_docs, d.batch_size, d.seq_len, cfg.eval_batches)
   return train, evals
