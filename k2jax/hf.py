@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 
 from k2jax import params as params_lib
 from k2jax.config import K2Config
-from k2jax.safetensors_io import FLOAT_DTYPES, Checkpoint, apply_umask, save_sharded
+from k2jax.safetensors_io import DTYPES, FLOAT_DTYPES, Checkpoint, apply_umask, save_sharded
 
 FP8_BLOCK = 128
 
@@ -121,12 +122,23 @@ def leaves(c: K2Config) -> list[Leaf]:
 
 # --- reading --------------------------------------------------------------------------------------
 
+def slice_tensor_names(leaf: Leaf, ckpt: Checkpoint, layer, expert) -> list[str]:
+  """The checkpoint tensors one layer/expert slice of a leaf is read from."""
+  name = leaf.hf_name(layer, expert)
+  if not leaf.map.linear:
+    return [name]
+  suffixes = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
+  return [f"{name}.{s}" for s in suffixes if f"{name}.{s}" in ckpt]
+
+
 def _linear_forms(ckpt: Checkpoint, base: str) -> str:
   if f"{base}.weight" in ckpt:
     return "fp8" if f"{base}.weight_scale_inv" in ckpt else "dense"
   if f"{base}.weight_packed" in ckpt:
     return "int4"
-  raise CheckpointError(f"{ckpt.folder}: missing tensor {base}.weight")
+  # Name the tensor that is missing from the form its siblings show.
+  which = "weight_packed" if f"{base}.weight_scale" in ckpt or f"{base}.weight_shape" in ckpt else "weight"
+  raise CheckpointError(f"{ckpt.folder}: missing tensor {base}.{which}")
 
 
 def expect_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...],
@@ -204,42 +216,84 @@ def _per_slice(leaf: Leaf, ckpt: Checkpoint, layer, expert, dtype) -> np.ndarray
   return read_linear(ckpt, name).T.astype(dtype).reshape(per)
 
 
-def _stacked(leaf: Leaf, per_shape: tuple[int, ...], get: Callable, sharding) -> jax.Array:
+def _fill(batch: tuple[int, ...], per_shape: tuple[int, ...], dtype, get: Callable, index) -> np.ndarray:
+  """The block `index` of a [*batch, *per_shape] leaf, filled slice by slice from `get(layer, expert)` into
+  one preallocated buffer (peak: the block plus one slice)."""
+  shape = tuple(batch) + tuple(per_shape)
+  idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  dims = [range(*s.indices(n)) for s, n in zip(idx, shape)]
+  rest = idx[len(batch):]
+  out = np.empty([len(r) for r in dims], dtype)
+  for pos in itertools.product(*(list(enumerate(r)) for r in dims[:len(batch)])):
+    layer_expert = [p[1] for p in pos] + [None] * (2 - len(batch))
+    out[tuple(p[0] for p in pos)] = get(*layer_expert)[rest]
+  return out
+
+
+def _stacked(leaf: Leaf, per_shape: tuple[int, ...], dtype, get: Callable, sharding) -> jax.Array:
   """[*layers, *experts, *per_shape] filled from `get(layer, expert)`, one callback per device shard, so
   each device reads only the layers and experts its shard covers."""
-  batch = leaf.spec.shape[:leaf.batch_dims]
-  shape = tuple(batch) + tuple(per_shape)
-
-  def callback(index: tuple[slice, ...]) -> np.ndarray:
-    idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    ranges = [range(*s.indices(n)) for s, n in zip(idx, batch)]
-    rest = idx[len(batch):]
-    if not batch:
-      return get(None, None)[rest]
-    if len(batch) == 1:
-      return np.stack([get(l, None)[rest] for l in ranges[0]])
-    return np.stack([np.stack([get(l, e)[rest] for e in ranges[1]]) for l in ranges[0]])
-
+  batch = tuple(leaf.spec.shape[:leaf.batch_dims])
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.make_array_from_callback(shape, sharding, callback)
+  return jax.make_array_from_callback(batch + tuple(per_shape), sharding,
+                                      functools.partial(_fill, batch, per_shape, dtype, get))
 
 
-def _load_leaf(leaf: Leaf, ckpt: Checkpoint, dtype, sharding) -> jax.Array:
+def is_int4_leaf(leaf: Leaf, ckpt: Checkpoint) -> bool:
+  """A routed-expert leaf stored pack-quantized INT4 in the checkpoint."""
+  return leaf.experts and _linear_forms(ckpt, leaf.hf_name(0, 0)) == "int4"
+
+
+def slice_reader(leaf: Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> Callable:
+  """`get(layer, expert)` -> one slice in our layout: a dense array in `dtype` (the spec's own dtype wins),
+  or with `keep_int4` a numpy `QuantizedWeight` (packed, scales), never dequantised."""
+  if keep_int4:
+    from k2jax import int4  # noqa: PLC0415
+    return lambda layer, expert: int4.read_hf(ckpt, leaf.hf_name(layer, expert))
   dt = np.dtype(leaf.spec.dtype or dtype)
-  # Memoised per leaf: replicated shards ask for the same slices.
-  get = functools.lru_cache(maxsize=None)(lambda layer, expert: _per_slice(leaf, ckpt, layer, expert, dt))
-  return _stacked(leaf, leaf.spec.shape[leaf.batch_dims:], get, sharding)
+  return lambda layer, expert: _per_slice(leaf, ckpt, layer, expert, dt)
 
 
-def _load_int4_leaf(leaf: Leaf, ckpt: Checkpoint, shardings):
-  """Routed experts kept INT4: packed [L, E, 4, K/32, N] and scales [L, E, K/32, N], never dequantised."""
+def read_leaf_host(leaf: Leaf, get: Callable):
+  """A whole leaf in host memory (numpy, or a QuantizedWeight of numpy), each slice read once."""
   from k2jax import int4  # noqa: PLC0415
-  get = functools.lru_cache(maxsize=None)(lambda layer, expert: int4.read_hf(ckpt, leaf.hf_name(layer, expert)))
-  first = get(0, 0)
-  sh = shardings or int4.QuantizedWeight(None, None)
+  batch = tuple(leaf.spec.shape[:leaf.batch_dims])
+  outs = None
+  for layer, e in leaf.slices():
+    part = get(layer, e)
+    parts = (part.packed, part.scales) if isinstance(part, int4.QuantizedWeight) else (part,)
+    if outs is None:
+      outs = [np.empty(batch + p.shape, p.dtype) for p in parts]
+    pos = tuple(i for i in (layer, e) if i is not None)
+    for o, p in zip(outs, parts):
+      o[pos] = p
+  return int4.QuantizedWeight(*outs) if isinstance(part, int4.QuantizedWeight) else outs[0]
+
+
+def load_leaf(leaf: Leaf, ckpt: Checkpoint, dtype, sharding, keep_int4: bool, get: Callable | None = None):
+  """One leaf as a (possibly sharded) jax.Array, or a QuantizedWeight of them for INT4 experts.
+  `get`: the slice reader (default `slice_reader(leaf, ckpt, dtype, keep_int4)`)."""
+  from k2jax import int4  # noqa: PLC0415
+  get = get or slice_reader(leaf, ckpt, dtype, keep_int4)
+  if sharding is not None and len(jax.tree.leaves(sharding)[0].device_set) > 1:
+    get = functools.lru_cache(maxsize=None)(get)  # replicated shards ask for the same slices
+  per = tuple(leaf.spec.shape[leaf.batch_dims:])
+  if not keep_int4:
+    return _stacked(leaf, per, np.dtype(leaf.spec.dtype or dtype), get, sharding)
+  (k, n), scale_dtype = per, DTYPES[ckpt.dtype_name(leaf.hf_name(0, 0) + ".weight_scale")]
+  sh = sharding or int4.QuantizedWeight(None, None)
   return int4.QuantizedWeight(
-      _stacked(leaf, first.packed.shape, lambda l, e: np.asarray(get(l, e).packed), sh.packed),
-      _stacked(leaf, first.scales.shape, lambda l, e: np.asarray(get(l, e).scales), sh.scales))
+      _stacked(leaf, (int4.WORDS_PER_GROUP, k // int4.GROUP, n), np.int32, lambda l, e: get(l, e).packed,
+               sh.packed),
+      _stacked(leaf, (k // int4.GROUP, n), scale_dtype, lambda l, e: get(l, e).scales, sh.scales))
+
+
+def set_path(tree: dict, path: str, value) -> None:
+  """tree[a][b][c] = value for path 'a/b/c', making the dicts on the way."""
+  *parents, last = path.split("/")
+  for k in parents:
+    tree = tree.setdefault(k, {})
+  tree[last] = value
 
 
 def load_params(folder: str, c: K2Config, dtype=jnp.float32, shardings: dict | None = None,
@@ -262,17 +316,8 @@ def load_params(folder: str, c: K2Config, dtype=jnp.float32, shardings: dict | N
   for leaf in leaves(c):
     if progress:
       progress(leaf.path)
-    keep_int4 = (leaf.experts and not dequantize_experts
-                 and _linear_forms(ckpt, leaf.hf_name(0, 0)) == "int4")
-    if keep_int4:
-      arr = _load_int4_leaf(leaf, ckpt, flat_shardings.get(leaf.path))
-    else:
-      arr = _load_leaf(leaf, ckpt, dtype, flat_shardings.get(leaf.path))
-    node = out
-    *parents, last = leaf.path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = arr
+    keep_int4 = is_int4_leaf(leaf, ckpt) and not dequantize_experts
+    set_path(out, leaf.path, load_leaf(leaf, ckpt, dtype, flat_shardings.get(leaf.path), keep_int4))
   return out
 
 
@@ -310,21 +355,30 @@ def hf_tensors(params: dict, c: K2Config, dtype=None) -> Iterator[tuple[str, np.
   is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
   flat = {params_lib.path_str(p): a for p, a in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qw)[0]}
   for leaf in leaves(c):
-    arr = flat[leaf.path]
-    for layer, e in leaf.slices():
-      idx = tuple(i for i in (layer, e) if i is not None)
-      if is_qw(arr):
-        q = arr[idx]
-        for suffix, t in int4.to_hf(int4.QuantizedWeight(np.asarray(q.packed), np.asarray(q.scales))).items():
-          yield f"{leaf.hf_name(layer, e)}.{suffix}", t
+    yield from leaf_hf_tensors(leaf, flat[leaf.path], dtype)
+
+
+def leaf_hf_tensors(leaf: Leaf, arr, dtype=None, dequantize: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, array) pairs of one leaf, a slice at a time; `dtype` casts float leaves that have no dtype
+  of their own. INT4 leaves are written pack-quantized, or dense in `dtype` when `dequantize`."""
+  from k2jax import int4  # noqa: PLC0415
+  for layer, e in leaf.slices():
+    idx = tuple(i for i in (layer, e) if i is not None)
+    name = leaf.hf_name(layer, e)
+    if isinstance(arr, int4.QuantizedWeight):
+      q = int4.QuantizedWeight(np.asarray(arr.packed[idx]), np.asarray(arr.scales[idx]))
+      if not dequantize:
+        for suffix, t in int4.to_hf(q).items():
+          yield f"{name}.{suffix}", t
         continue
+      a = q.dequantize(np.float32)
+    else:
       a = np.asarray(arr[idx] if idx else arr)
-      if leaf.map.linear:
-        a = a.reshape(leaf.hf_shape[::-1]).T
-      if dtype is not None and leaf.spec.dtype is None:
-        a = a.astype(dtype)
-      name = leaf.hf_name(layer, e)
-      yield (f"{name}.weight" if leaf.map.linear else name), np.ascontiguousarray(a)
+    if leaf.map.linear:
+      a = a.reshape(leaf.hf_shape[::-1]).T
+    if dtype is not None and leaf.spec.dtype is None:
+      a = a.astype(dtype)
+    yield (f"{name}.weight" if leaf.map.linear else name), np.ascontiguousarray(a)
 
 
 def save_hf(params: dict, c: K2Config, folder: str, dtype=None, max_shard_bytes: int = 4 << 30) -> None:

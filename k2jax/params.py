@@ -145,12 +145,14 @@ def abstract_params(c: K2Config, dtype=jnp.bfloat16) -> Tree:
 
 
 def cast(tree: Tree, dtype) -> Tree:
-  """Floating leaves in `dtype`, except the router bias, which stays fp32 (it only selects experts)."""
+  """Floating leaves in `dtype`, except the router bias, which stays fp32 (it only selects experts), and
+  INT4 weights, which stay as stored."""
   def one(path, x):
-    if getattr(path[-1], "key", "") == "router_bias_e" or not jnp.issubdtype(x.dtype, jnp.floating):
+    if (_is_qw(x) or getattr(path[-1], "key", "") == "router_bias_e"
+        or not jnp.issubdtype(x.dtype, jnp.floating)):
       return x
     return x.astype(dtype)
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_qw)
 
 
 def count(tree: Tree) -> int:

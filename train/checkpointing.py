@@ -41,9 +41,16 @@ def config_from_dict(d: dict[str, Any]) -> K2Config:
   return K2Config(**d)
 
 
-def config_differences(saved: K2Config, current: K2Config) -> dict[str, tuple[Any, Any]]:
-  """{field: (saved, current)} for every differing field (rope fields as 'rope.x')."""
+# Fields that name or describe storage, not the architecture (a converted checkpoint's name is its source's).
+NON_ARCHITECTURE_FIELDS = ("name", "expert_quant")
+
+
+def config_differences(saved: K2Config, current: K2Config, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, current)} for every differing field (rope fields as 'rope.x'), less `ignore`."""
   a, b = config_to_dict(saved), config_to_dict(current)
+  for k in ignore:
+    a.pop(k, None)
+    b.pop(k, None)
   out = {}
   for k in sorted(set(a) | set(b)):
     if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
@@ -131,22 +138,42 @@ def _locate(path: str | Path) -> tuple[Path, int]:
   return root, steps[-1]
 
 
-def load_params_for_inference(path: str | Path, dtype=jnp.bfloat16) -> tuple[dict, K2Config]:
-  """(params in `dtype`, K2Config) from a k2-train workdir (latest step) or a step folder."""
+def abstract_params_of(meta: dict[str, Any], c: K2Config, sharding=None) -> Any:
+  """ShapeDtypeStructs of a checkpoint's params as stored: its param dtype, and INT4 experts (converted
+  checkpoints, `expert_format: int4`) as QuantizedWeight(packed int32, scales as the source stored them)."""
+  like = params_lib.abstract_params(c, jnp.dtype(meta.get("param_dtype", "float32")))
+  if meta.get("expert_format") == "int4":
+    from k2jax.int4 import QuantizedWeight  # noqa: PLC0415
+    from k2jax.safetensors_io import DTYPES  # noqa: PLC0415
+    scale_dtype = DTYPES[meta.get("int4_scale_dtype") or "BF16"]
+    like = jax.eval_shape(params_lib.quantize_experts, like)
+    moe = like["moe_layers"]["moe"]
+    moe["experts"] = {k: QuantizedWeight(w.packed, jax.ShapeDtypeStruct(w.scales.shape, scale_dtype))
+                      for k, w in moe["experts"].items()}
+  sharding = sharding or _single_device()
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), like)
+
+
+def load_params_for_inference(path: str | Path, dtype=jnp.bfloat16,
+                              dequantize_experts: bool = False) -> tuple[dict, K2Config]:
+  """(params in `dtype`, K2Config) from a k2-train workdir (latest step), a step folder, or a converted
+  checkpoint (`k2-convert`). INT4 experts stay INT4 unless `dequantize_experts` (to `dtype`, for training)."""
   root, step = _locate(path)
   manager = ocp.CheckpointManager(root, item_names=("params", "meta"))
   try:
     meta = _restore_meta(manager, step, root / str(step))
     c = config_from_dict(meta["model_config"])
-    param_dtype = jnp.dtype(meta.get("param_dtype", "float32"))
-    like = params_lib.abstract_params(c, param_dtype)
-    like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_single_device()), like)
+    like = abstract_params_of(meta, c)
     try:
       params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(like)))["params"]
     except Exception as e:
       raise CheckpointError(f"cannot restore params of {root / str(step)}: {type(e).__name__}: {e}") from e
   finally:
     manager.close()
+  if dequantize_experts and meta.get("expert_format") == "int4":
+    experts = {k: w.dequantize(dtype) for k, w in params["moe_layers"]["moe"]["experts"].items()}
+    params = {**params, "moe_layers": {**params["moe_layers"], "moe": {**params["moe_layers"]["moe"],
+                                                                       "experts": experts}}}
   return params_lib.cast(params, dtype), c
 
 

@@ -84,8 +84,9 @@ def _init_params(cfg, c, mesh):
   dtype = params_lib.dtype_from_name(cfg.param_dtype)
   init_from = cfg.get("init_from", "")
   if init_from:
-    params, saved_c = checkpointing.load_params_for_inference(init_from, dtype)
-    diff = checkpointing.config_differences(saved_c, c)
+    # A converted K2 Thinking checkpoint has INT4 experts: training starts from their dequantised values.
+    params, saved_c = checkpointing.load_params_for_inference(init_from, dtype, dequantize_experts=True)
+    diff = checkpointing.config_differences(saved_c, c, ignore=checkpointing.NON_ARCHITECTURE_FIELDS)
     if diff:
       raise checkpointing.CheckpointError(f"init_from {init_from}: model config differs: {sorted(diff)}")
   else:

@@ -1,0 +1,110 @@
+"""HF safetensors -> k2jax's Orbax layout: validated first, streamed leaf by leaf, committed atomically."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+
+from k2jax import hf
+from k2jax import params as params_lib
+from k2jax.config import K2Config
+from k2jax.convert import layout
+from k2jax.safetensors_io import Checkpoint
+
+
+def _counting(get, leaf: hf.Leaf, ckpt: Checkpoint, bar: layout.ByteBar):
+  """`get`, advancing the bar by the checkpoint bytes each slice is read from."""
+  def counted(layer, expert):
+    out = get(layer, expert)
+    bar.update(sum(ckpt.nbytes(n) for n in hf.slice_tensor_names(leaf, ckpt, layer, expert)))
+    return out
+  return counted
+
+
+def _shardings(c: K2Config, mesh, dtype, int4_experts: bool) -> dict[str, Any]:
+  """{leaf path: sharding (a QuantizedWeight of them for INT4 experts)} for `mesh`."""
+  from k2jax import int4, sharding  # noqa: PLC0415
+  like = params_lib.abstract_params(c, dtype)
+  if int4_experts:
+    like = jax.eval_shape(params_lib.quantize_experts, like)
+  tree = sharding.param_shardings(c, mesh, params=like)
+  is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
+  return {params_lib.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qw)[0]}
+
+
+def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None, check_finite: bool = True,
+            strict: bool = True, progress: bool = True) -> dict[str, Any]:
+  """Converts an HF checkpoint folder into a k2jax checkpoint at `output_dir`; returns a summary.
+
+  Every tensor's presence, shape and dtype is checked from the headers before anything is written;
+  values are checked finite while streaming (`check_finite`). INT4 routed experts stay INT4 (int32 words
+  + their scales); other float weights are stored in `dtype` (FP8 dequantised), the router bias in fp32.
+  Host memory peaks near one leaf (its local shards under `mesh`) plus one slice being read.
+  """
+  dt = params_lib.dtype_from_name(dtype)
+  if not os.path.isdir(hf_dir):
+    raise layout.ConvertError(f"{hf_dir} is not a folder; give the HF checkpoint folder (config.json + "
+                              "safetensors)")
+  c = K2Config.from_hf(hf_dir, strict=strict)
+  ckpt = Checkpoint(hf_dir, check_finite=check_finite)
+  hf.validate(ckpt, c)
+  all_leaves = hf.leaves(c)
+  int4_leaves = {leaf.path for leaf in all_leaves if hf.is_int4_leaf(leaf, ckpt)}
+  if int4_leaves and len(int4_leaves) != sum(leaf.experts for leaf in all_leaves):
+    raise layout.ConvertError(f"{hf_dir}: routed experts are only partly INT4 ({sorted(int4_leaves)})")
+  total = sum(ckpt.nbytes(n) for n in ckpt.keys())
+  shardings = _shardings(c, mesh, dt, bool(int4_leaves)) if mesh is not None else None
+  scale_dtype = None
+  if int4_leaves:
+    first = next(leaf for leaf in all_leaves if leaf.path in int4_leaves)
+    scale_dtype = ckpt.dtype_name(first.hf_name(0, 0) + ".weight_scale")
+  bar = layout.ByteBar(total, "converting", progress)
+  written = 0
+  try:
+    with layout.Staging(output_dir) as stage:
+      writer = layout.ParamsWriter(stage.tmp)
+      for leaf in all_leaves:
+        bar.leaf(leaf.path)
+        keep = leaf.path in int4_leaves
+        get = _counting(hf.slice_reader(leaf, ckpt, dt, keep), leaf, ckpt, bar)
+        if shardings is None:
+          value = hf.read_leaf_host(leaf, get)
+        else:
+          value = hf.load_leaf(leaf, ckpt, dt, shardings[leaf.path], keep, get=get)
+        written += layout.nbytes(value)
+        writer.write(leaf.path, value)
+        del value
+      meta = {
+          "format": "k2jax", "format_version": layout.FORMAT_VERSION,
+          "model_config": dataclasses.asdict(c), "param_dtype": dtype,
+          "expert_format": "int4" if int4_leaves else "dense", "int4_scale_dtype": scale_dtype,
+          "source": {"hf_dir": os.path.basename(os.path.abspath(hf_dir)), "files": len(ckpt.files()),
+                     "bytes": total, "check_finite": check_finite},
+      }
+      step_dir = layout.write_meta(stage.tmp, meta)
+      writer.finalize(os.path.join(step_dir, "params"))
+      if layout.process_index() == 0:
+        os.makedirs(stage.path(layout.HF_FILES))
+        for f in layout.side_files(hf_dir):
+          shutil.copy2(os.path.join(hf_dir, f), stage.path(layout.HF_FILES, f))
+      stage.commit()
+  finally:
+    seconds = bar.close()
+  return {"output_dir": os.path.abspath(output_dir), "bytes_read": total, "bytes_written": written,
+          "seconds": seconds, "tensors": len(ckpt.keys()), "leaves": len(all_leaves),
+          "expert_format": meta["expert_format"]}
+
+
+def leaf_bytes_estimate(c: K2Config, dtype: str, int4_experts: bool) -> dict[str, int]:
+  """{leaf path: bytes in the converted checkpoint}, from shapes alone."""
+  like = params_lib.abstract_params(c, params_lib.dtype_from_name(dtype))
+  if int4_experts:
+    like = jax.eval_shape(params_lib.quantize_experts, like)
+  from k2jax import int4  # noqa: PLC0415
+  is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
+  return {params_lib.path_str(p): layout.nbytes(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=is_qw)[0]}
+

@@ -1,0 +1,170 @@
+"""The converted-checkpoint layout, written all or nothing: a staging folder renamed into place.
+
+OUT/checkpoints/0/{params, meta} is what `k2-train` writes for a step (see `train/checkpointing.py`),
+so `--checkpoint` / `init_from` load it; OUT/hf/ keeps the source's small files (config.json, tokenizer).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from k2jax import int4
+from k2jax.hf import set_path
+
+STEP = 0
+HF_FILES = "hf"
+FORMAT_VERSION = 1
+# Files of an HF folder that are weights (converted) rather than side files (copied).
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+class ConvertError(ValueError):
+  """Conversion cannot proceed: bad input, or an output that would be overwritten."""
+
+
+def side_files(hf_dir: str) -> list[str]:
+  """Names of the small top-level files of an HF folder that travel with the weights."""
+  return sorted(f for f in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, f))
+                and not f.endswith(_WEIGHT_SUFFIXES) and not f.startswith("."))
+
+
+def hf_files_dir(checkpoint: str) -> str | None:
+  """The `hf/` side-file folder of a converted checkpoint given as its folder, `checkpoints/` or a step."""
+  p = Path(checkpoint).absolute()
+  for root in (p, p.parent, p.parent.parent):
+    if (root / HF_FILES).is_dir():
+      return str(root / HF_FILES)
+  return None
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
+
+
+class Staging:
+  """Writes go to `<output>.partial`; `commit` renames it to `<output>`; any failure removes it.
+
+  A leftover `.partial` of an interrupted run is removed first, so a re-run starts cleanly; an existing
+  non-empty output is never touched.
+  """
+
+  def __init__(self, output_dir: str):
+    self.output = os.path.abspath(output_dir)
+    self.tmp = self.output.rstrip("/") + ".partial"
+
+  def __enter__(self) -> "Staging":
+    if os.path.exists(self.output) and (not os.path.isdir(self.output) or os.listdir(self.output)):
+      raise ConvertError(f"{self.output} exists and is not empty; refusing to overwrite it")
+    if process_index() == 0:
+      if os.path.exists(self.tmp):
+        shutil.rmtree(self.tmp)
+      os.makedirs(self.tmp)
+    _barrier("k2jax-convert-staging")
+    return self
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.tmp, *parts)
+
+  def commit(self) -> None:
+    _barrier("k2jax-convert-commit")
+    if process_index() == 0:
+      if os.path.isdir(self.output):
+        os.rmdir(self.output)  # empty, checked on entry
+      os.replace(self.tmp, self.output)
+    _barrier("k2jax-convert-committed")
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None and process_index() == 0:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ParamsWriter:
+  """An Orbax parameter tree written one leaf at a time (Orbax partial saves), so only one leaf is ever
+  in memory. Leaves are numpy arrays (one host) or sharded jax.Arrays (each host writes its shards)."""
+
+  def __init__(self, staging_path: str):
+    from orbax.checkpoint import v1 as ocp  # noqa: PLC0415
+    self.path = os.path.join(staging_path, "params.building")
+    self.ctx = ocp.Context()
+    # Weights (INT4 words above all) barely compress; zstd would cost more time than it saves.
+    self.ctx.array.saving.use_compression = False
+
+  def write(self, leaf_path: str, value: Any) -> None:
+    from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
+    if isinstance(value, int4.QuantizedWeight):
+      value = {"packed": value.packed, "scales": value.scales}
+    tree: dict = {}
+    set_path(tree, leaf_path, value)
+    with self.ctx:
+      partial.save(self.path, tree)
+
+  def finalize(self, dest: str) -> None:
+    """Moves the finished tree to `dest` (a step's `params` folder)."""
+    from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
+    with self.ctx:
+      partial.finalize(self.path)
+    _barrier("k2jax-convert-params")
+    if process_index() == 0:
+      # The finalized checkpoint holds one pytree folder (with its _METADATA): the params item.
+      inner = [d for d in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, d, "_METADATA"))]
+      if len(inner) != 1:
+        raise ConvertError(f"unexpected Orbax partial-save layout in {self.path}: {sorted(os.listdir(self.path))}")
+      os.replace(os.path.join(self.path, inner[0]), dest)
+      shutil.rmtree(self.path)
+
+
+def write_meta(root: str, meta: dict[str, Any]) -> str:
+  """WORKDIR-style `checkpoints/<STEP>/meta` under `root`; returns the step folder."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  directory = Path(root) / "checkpoints"
+  manager = ocp.CheckpointManager(directory, item_names=("params", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=True,
+                                                                       enable_async_checkpointing=False))
+  try:
+    manager.save(STEP, args=ocp.args.Composite(meta=ocp.args.JsonSave({**meta, "step": STEP})))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return str(directory / str(STEP))
+
+
+class ByteBar:
+  """A tqdm bar in bytes (rate and ETA) with the current leaf as its postfix; quiet when disabled."""
+
+  def __init__(self, total: int, desc: str, enabled: bool = True):
+    self.bar = None
+    self.done = 0
+    self.start = time.perf_counter()
+    if enabled and process_index() == 0:
+      from tqdm.auto import tqdm  # noqa: PLC0415
+      self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+
+  def leaf(self, path: str) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix_str(path, refresh=False)
+
+  def update(self, n: int) -> None:
+    self.done += n
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def close(self) -> float:
+    if self.bar is not None:
+      self.bar.close()
+    return time.perf_counter() - self.start
+
+
+def nbytes(x: Any) -> int:
+  return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in jax.tree.leaves(x)))

@@ -1,0 +1,314 @@
+"""k2-convert / k2-export: HF -> k2jax -> HF bit for bit, generation equal to transformers, validation
+before commit, atomic output, dry runs from shapes alone (the 1T config too)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from k2jax import hf, int4, params, presets
+from k2jax.config import K2Config
+from k2jax.convert import convert, export, layout, plan_convert, plan_export
+from k2jax.safetensors_io import Checkpoint, SafetensorsError, save_file, save_sharded
+from k2jax.train import checkpointing
+from host_params import host_params
+
+C = presets.TINY
+TOKENIZER = os.path.join(os.path.dirname(hf.__file__), "assets", "tiny_tokenizer")
+
+
+def _k2_thinking_dir(folder, seed=0, max_shard_bytes=400_000):
+  """A K2-Thinking-format checkpoint in several shards: bf16 weights, fp32 router bias, INT4 experts, the
+  config.json fields a real release carries, and tokenizer files."""
+  p = params.quantize_experts(params.cast(host_params(C, seed), jnp.bfloat16))
+  p["moe_layers"]["moe"]["router_bias_e"] = np.random.default_rng(seed).normal(
+      size=p["moe_layers"]["moe"]["router_bias_e"].shape).astype(np.float32)
+  hf.save_hf(p, C, folder, max_shard_bytes=max_shard_bytes)
+  cfg = json.load(open(os.path.join(folder, "config.json")))
+  cfg.update({"model_type": "kimi_k2", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+              "torch_dtype": "bfloat16", "transformers_version": "4.57.1", "num_nextn_predict_layers": 0})
+  json.dump(cfg, open(os.path.join(folder, "config.json"), "w"), indent=1)
+  for f in os.listdir(TOKENIZER):
+    shutil.copy(os.path.join(TOKENIZER, f), folder)
+  assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) >= 3
+  return folder
+
+
+@pytest.fixture(scope="module")
+def k2t(tmp_path_factory):
+  return _k2_thinking_dir(str(tmp_path_factory.mktemp("k2t") / "hf"))
+
+
+@pytest.fixture(scope="module")
+def converted(k2t, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("conv") / "k2jax")
+  summary = convert(k2t, out, progress=False)
+  assert summary["expert_format"] == "int4"
+  return out
+
+
+def _assert_same_tensors(a_dir, b_dir):
+  a, b = Checkpoint(a_dir), Checkpoint(b_dir)
+  assert sorted(a.keys()) == sorted(b.keys())
+  for k in a.keys():
+    x, y = a.get(k), b.get(k)
+    assert (x.dtype, x.shape) == (y.dtype, y.shape), k
+    np.testing.assert_array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8), err_msg=k)
+
+
+def test_round_trip_reproduces_every_tensor_and_config_field(k2t, converted, tmp_path):
+  back = str(tmp_path / "back")
+  export(converted, back, progress=False)
+  _assert_same_tensors(k2t, back)
+  assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(k2t, "config.json")))
+  for f in os.listdir(TOKENIZER):
+    assert open(os.path.join(back, f), "rb").read() == open(os.path.join(TOKENIZER, f), "rb").read()
+  assert os.path.exists(os.path.join(back, "model.safetensors.index.json"))
+
+
+def test_converted_checkpoint_keeps_int4_and_loads_like_the_hf_folder(k2t, converted):
+  got, c = checkpointing.load_params_for_inference(converted, jnp.bfloat16)
+  want = hf.load_params(k2t, K2Config.from_hf(k2t), jnp.bfloat16)
+  experts = got["moe_layers"]["moe"]["experts"]
+  assert all(isinstance(w, int4.QuantizedWeight) and w.packed.dtype == jnp.int32 for w in experts.values())
+  assert got["moe_layers"]["moe"]["router_bias_e"].dtype == jnp.float32
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+  assert c == K2Config.from_hf(k2t)
+  meta = checkpointing.read_meta(converted)
+  assert meta["expert_format"] == "int4" and meta["int4_scale_dtype"] == "BF16"
+
+
+def test_k2_train_init_from_a_converted_checkpoint(converted):
+  from k2jax.configs import train_tiny
+  from k2jax.train import trainer
+  cfg = train_tiny.get_config()
+  cfg.init_from = converted
+  p = trainer._init_params(cfg, presets.from_config_dict(cfg.model), None)  # what a run starts from
+  want, _ = checkpointing.load_params_for_inference(converted, jnp.float32)
+  w = p["moe_layers"]["moe"]["experts"]["gate_edf"]
+  assert not isinstance(w, int4.QuantizedWeight) and w.dtype == jnp.float32
+  np.testing.assert_array_equal(w, want["moe_layers"]["moe"]["experts"]["gate_edf"].dequantize(jnp.float32))
+  cfg.model.hidden_size = 32  # a different model is refused by name
+  with pytest.raises(checkpointing.CheckpointError, match="hidden_size"):
+    trainer._init_params(cfg, presets.from_config_dict(cfg.model), None)
+
+
+def test_sharded_conversion_writes_the_same_checkpoint(k2t, converted, tmp_path):
+  from k2jax import sharding
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
+  out = str(tmp_path / "sharded")
+  convert(k2t, out, mesh=sharding.make_mesh("fsdp:2,expert:4"), progress=False)
+  a, _ = checkpointing.load_params_for_inference(out, jnp.bfloat16)
+  b, _ = checkpointing.load_params_for_inference(converted, jnp.bfloat16)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_dense_training_checkpoint_exports_with_the_qat_quantiser(tmp_path):
+  """A training run's dense experts export INT4 with the quantiser serving and QAT use."""
+  c = C.replace(expert_quant=None)
+  p = params.cast(host_params(c, 4), jnp.float32)
+  ck = checkpointing.Checkpointer(str(tmp_path / "run"), async_save=False)
+  ck.save(3, p, {"count": np.zeros((), np.int32)}, {"model_config": checkpointing.config_to_dict(c), "param_dtype": "float32"})
+  ck.close()
+  out = str(tmp_path / "hf")
+  export(str(tmp_path / "run"), out, progress=False)
+  from k2jax.train.train_step import QAT_MODE
+  served = params.quantize_experts(p, QAT_MODE)
+  got = hf.load_params(out, K2Config.from_hf(out), jnp.float32)
+  assert K2Config.from_hf(out).expert_quant == "int4"
+  for k, w in served["moe_layers"]["moe"]["experts"].items():
+    np.testing.assert_array_equal(got["moe_layers"]["moe"]["experts"][k].packed, w.packed)
+    np.testing.assert_array_equal(got["moe_layers"]["moe"]["experts"][k].scales, w.scales)
+  # Everything else went out in bf16.
+  np.testing.assert_array_equal(got["embed_vd"], np.asarray(p["embed_vd"]).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def _break(folder, case):
+  """Damages a copy of a K2-Thinking-format checkpoint in one way; returns the shard file it touched."""
+  ck = Checkpoint(folder)
+  target = {"missing": "model.layers.2.mlp.experts.5.down_proj.weight_packed",
+            "nan": "model.layers.1.self_attn.o_proj.weight",
+            "dtype": "model.layers.0.self_attn.kv_b_proj.weight",
+            "shape": "model.layers.1.mlp.shared_experts.up_proj.weight"}.get(case, "model.norm.weight")
+  path = ck.file_of(target)
+  if case in ("missing", "nan", "dtype", "shape"):
+    sf = ck.files()[os.path.basename(path)]
+    tensors = {k: np.array(sf.get(k)) for k in sf.keys()}
+    if case == "missing":
+      tensors.pop(target)
+    elif case == "nan":
+      tensors[target][0, 1] = np.nan
+    elif case == "dtype":
+      tensors[target] = tensors[target].astype(np.float32).astype(np.int16)
+    else:
+      tensors[target] = tensors[target][:, :-32]
+    save_file(tensors, path)
+    if case == "missing":  # keep the index consistent, so the loader sees a checkpoint without it
+      index = os.path.join(folder, "model.safetensors.index.json")
+      data = json.load(open(index))
+      del data["weight_map"][target]
+      json.dump(data, open(index, "w"))
+  elif case == "truncated":
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      f.truncate(size - 100)
+  elif case == "overlap":
+    import struct
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    a, b = names[0], names[1]
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    start = header[a]["data_offsets"][0]
+    header[b]["data_offsets"] = [start, start + size]
+    blob = json.dumps(header).encode()
+    open(path, "wb").write(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+  elif case == "config":
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg["moe_intermediate_size"] *= 2
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    return os.path.join(folder, "model-")
+  return path
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", r"missing tensor model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight_packed"),
+    ("nan", r"tensor 'model\.layers\.1\.self_attn\.o_proj\.weight' has 1 NaN/Inf"),
+    ("dtype", r"tensor model\.layers\.0\.self_attn\.kv_b_proj\.weight has dtype I16"),
+    ("shape", r"model\.layers\.1\.mlp\.shared_experts\.up_proj\.weight has shape"),
+    ("truncated", r"run past the end of the file's data.*truncated"),
+    ("overlap", r"overlap"),
+    ("config", r"\.safetensors: tensor model\.layers\.1\.mlp\.experts\.0\.(down|gate|up)_proj\.weight_packed has "
+               r"shape"),
+])
+def test_corrupted_input_fails_by_name_and_leaves_nothing(k2t, tmp_path, case, match):
+  src = str(tmp_path / "src")
+  shutil.copytree(k2t, src)
+  touched = _break(src, case)
+  out = str(tmp_path / "out")
+  with pytest.raises(ValueError, match=match) as err:
+    convert(src, out, progress=False)
+  if case not in ("missing", "config"):
+    assert os.path.basename(touched) in str(err.value)
+  assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_allow_nonfinite_converts_nan_weights(k2t, tmp_path):
+  src = str(tmp_path / "src")
+  shutil.copytree(k2t, src)
+  _break(src, "nan")
+  convert(src, str(tmp_path / "out"), check_finite=False, progress=False)
+  got, _ = checkpointing.load_params_for_inference(str(tmp_path / "out"), jnp.float32)
+  assert np.isnan(np.asarray(got["moe_layers"]["attn"]["o_nhd"])).sum() == 1
+
+
+def test_interrupted_conversion_leaves_nothing_and_a_rerun_starts_clean(k2t, tmp_path, monkeypatch):
+  out = str(tmp_path / "out")
+  calls = {"n": 0}
+  real = layout.ParamsWriter.write
+
+  def failing(self, path, value):
+    calls["n"] += 1
+    if calls["n"] == 5:
+      raise KeyboardInterrupt  # as if the user pressed ^C mid-way
+    return real(self, path, value)
+
+  monkeypatch.setattr(layout.ParamsWriter, "write", failing)
+  with pytest.raises(KeyboardInterrupt):
+    convert(k2t, out, progress=False)
+  assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+  monkeypatch.setattr(layout.ParamsWriter, "write", real)
+  os.makedirs(out + ".partial/leftover")  # a killed run's staging folder
+  convert(k2t, out, progress=False)
+  assert checkpointing.read_meta(out)["expert_format"] == "int4"
+  with pytest.raises(layout.ConvertError, match="exists and is not empty"):
+    convert(k2t, out, progress=False)
+
+
+def test_dry_run_of_the_1t_model_from_config_json_alone(tmp_path):
+  cfg = tmp_path / "config.json"
+  cfg.write_text(json.dumps(presets.K2_THINKING.to_hf()))
+  plan = plan_convert(str(cfg), str(tmp_path / "out"), measure=False)
+  experts = 1_014_686_023_680
+  assert plan["bytes_in"]["I32"] == experts // 2 == plan["bytes_out"]["I32"]
+  # weight_scale (bf16, one per 32) + every non-expert weight in bf16 (the fp32 router bias apart).
+  bias = 60 * 384
+  total = 1_026_408_232_448
+  assert plan["bytes_out"]["BF16"] == experts // 32 * 2 + (total - experts - bias) * 2
+  assert plan["bytes_out"]["F32"] == bias * 4
+  # Per MoE layer: 384 experts x 3 linears x 3 tensors, 7 attention tensors, 2 norms, router weight and bias,
+  # 3 shared-expert linears; the dense layer: 7 + 2 + 3; embedding, final norm, lm_head.
+  assert plan["tensors_in"] == 60 * (384 * 3 * 3 + 14) + 12 + 3
+  assert plan["largest_leaf"][0].startswith("moe_layers/moe/experts/")
+  ex = plan_export(str(cfg), str(tmp_path / "hf"), measure=False)
+  assert ex["bytes_out"]["I32"] == experts // 2 and ex["bytes_out"]["I64"] == 60 * 384 * 3 * 16
+
+
+def _cli(tool, *args):
+  code = f"import sys; from k2jax.convert.cli import run_{tool}; sys.argv[0] = 'k2-{tool}'; run_{tool}()"
+  return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_dry_run_and_one_line_errors(k2t, tmp_path):
+  res = _cli("convert", f"--hf_dir={k2t}", f"--output_dir={tmp_path / 'o'}", "--dry_run")
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "convert plan" in res.stdout and "peak host memory" in res.stdout and "estimated" in res.stdout
+  assert not os.path.exists(tmp_path / "o")
+  src = str(tmp_path / "src")
+  shutil.copytree(k2t, src)
+  _break(src, "truncated")
+  res = _cli("convert", f"--hf_dir={src}", f"--output_dir={tmp_path / 'o'}", "--noprogress")
+  assert res.returncode == 1 and "Traceback" not in res.stderr
+  assert res.stderr.strip().startswith("error: ") and "truncated" in res.stderr
+  assert len(res.stderr.strip().splitlines()) == 1
+  res = _cli("export", f"--checkpoint={tmp_path / 'nowhere'}", f"--output_dir={tmp_path / 'e'}")
+  assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_k2_thinking_converts_and_generates_like_transformers(tmp_path):
+  """The reference's INT4 K2-Thinking-format checkpoint, several shards: k2-generate on the converted
+  checkpoint gives transformers' greedy ids on the dequantised reference; the bf16 export loads there."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("compressed_tensors")
+  from test_int4_checkpoint import SHAPES, _write_k2_thinking_format
+  from hf_reference import make_reference, reference_logits, rel_err
+  ref = make_reference(str(tmp_path / "ref"), seed=31, **SHAPES)
+  one = str(tmp_path / "one")
+  _write_k2_thinking_format(ref, one)
+  src = str(tmp_path / "k2t")
+  os.makedirs(src)
+  ck = Checkpoint(one)
+  save_sharded(((k, np.array(ck.get(k))) for k in ck.keys()), src, max_shard_bytes=60_000)
+  shutil.copy(os.path.join(one, "config.json"), src)
+  assert len([f for f in os.listdir(src) if f.endswith(".safetensors")]) >= 3
+  out = str(tmp_path / "conv")
+  convert(src, out, dtype="float32", progress=False)
+  prompt = [5, 17, 42, 8, 60]
+  with torch.no_grad():
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+  code = "import sys; from k2jax.infer.generate import run; sys.argv[0] = 'k2-generate'; run()"
+  res = subprocess.run([sys.executable, "-c", code, f"--checkpoint={out}", "--prompt_ids=" + ",".join(map(str, prompt)),
+                        "--max_new_tokens=8", "--temperature=0", "--output=ids"], capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  got = [int(t) for t in res.stdout.strip().splitlines()[-1].split(",")]
+  eos = K2Config.from_hf(src).eos_token_id
+  n = want.index(eos) + 1 if eos in want else len(want)
+  assert got == want[:n]
+  dense = str(tmp_path / "bf16")
+  export(out, dense, fmt="bf16", progress=False)
+  from transformers import DeepseekV3ForCausalLM
+  loaded = DeepseekV3ForCausalLM.from_pretrained(dense, torch_dtype=torch.float32).eval()
+  tokens = np.random.default_rng(1).integers(0, 97, (2, 9))
+  assert rel_err(reference_logits(loaded, tokens), reference_logits(ref, tokens)) <= 2e-2
