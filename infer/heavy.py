@@ -31,6 +31,13 @@ def format_attempts(trajectories: Sequence[Trajectory]) -> str:
   return "\n\n".join(parts)
 
 
+def aggregation_request(messages: Sequence[Mapping[str, Any]], trajectories: Sequence[Trajectory],
+                       template: str = DEFAULT_AGGREGATION_PROMPT) -> str:
+  """The rendered prompt of the aggregation pass: the task, then every attempt's final answer."""
+  request = template.format(n=len(trajectories), attempts=format_attempts(trajectories))
+  return chat.render([*messages, {"role": "user", "content": request}])
+
+
 def heavy_mode(batch_policy: BatchPolicy, messages: Sequence[Mapping[str, Any]], *, n: int = 8,
                tools: Sequence[Tool] = (), max_steps: int = 8, context_budget_tokens: int = 1 << 18,
                count_tokens: Callable[[str], int] = len,
@@ -41,7 +48,6 @@ def heavy_mode(batch_policy: BatchPolicy, messages: Sequence[Mapping[str, Any]],
   if n < 1:
     raise ValueError(f"heavy mode needs n >= 1 trajectories, got {n}")
   trajectories = run_agents(batch_policy, [messages] * n, tools, max_steps, context_budget_tokens, count_tokens)
-  request = aggregation_prompt.format(n=n, attempts=format_attempts(trajectories))
-  prompt = chat.render([*messages, {"role": "user", "content": request}])
+  prompt = aggregation_request(messages, trajectories, aggregation_prompt)
   text = (aggregate_policy or batch_policy)([prompt])[0]
   return HeavyResult(trajectories, chat.parse(text).content, text)

@@ -1,0 +1,53 @@
+"""k2-tts on the embedded default: a tiny K2 warm-started on the arith and lookup environments, a short
+RL run, then accuracy against test-time compute along five axes."""
+import ml_collections
+
+from k2jax.configs import sft_tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+  cfg.dtype = "float32"             # parameters for inference
+
+  # Environments (k2jax.envs) with their options; `env` is where an axis is measured unless `axis_env`
+  # names another (tool use is measured where the answer needs a tool).
+  cfg.envs = ml_collections.ConfigDict({
+      "arith": {"digits": 3},
+      "lookup": {"table_size": 6},
+  })
+  cfg.env = "arith"
+  cfg.axis_env = ml_collections.ConfigDict({"tool_steps": "lookup"})
+  cfg.n_problems = 64               # held-out problems per point (the same ones for every point of an axis)
+
+  # Axes: each a tuple of values (--config.axes.parallel='(1, 4)'); a point changes one axis and keeps the others at `base`.
+  cfg.axes = ml_collections.ConfigDict({
+      "thinking_budget": (0, 4, 8, 16, 32),   # thinking tokens before </think> is forced; -1 = no budget
+      "tool_steps": (0, 1, 2),                # tool-calling turns allowed; 0 = tools off
+      "parallel": (1, 2, 4, 8, 16),           # trajectories, majority vote over final answers
+      "heavy": (1, 2, 4, 8),                  # trajectories + one aggregation pass
+      "rl_step": (0, 40),                     # RL steps of the model (0: the SFT warm start)
+  })
+  cfg.base = ml_collections.ConfigDict({
+      "thinking_budget": -1, "tool_steps": 2, "parallel": 1, "heavy": 0, "rl_step": -1})  # -1: last RL step
+  cfg.temperature = 0.0             # single-trajectory axes: greedy
+  cfg.vote_temperature = 1.0        # parallel and heavy: independent samples
+  cfg.max_new_tokens = 64           # per agent turn
+  cfg.batch_size = 128              # engine rows per call (fixed, so few shapes compile)
+  cfg.max_len = 640                 # engine cache length (prompt + turn)
+
+  # Training of the embedded default (skipped with --checkpoint / --hf_dir; cached in the workdir).
+  cfg.train = ml_collections.ConfigDict()
+  cfg.train.examples_per_env = ml_collections.ConfigDict({"arith": 6000, "lookup": 1500})
+  cfg.train.aggregate_frac = 0.2    # share of warm-start examples that teach heavy mode's aggregation
+  cfg.train.sft = sft_tiny.get_config()
+  cfg.train.sft.data.seq_len = 256
+  cfg.train.sft.data.batch_size = 16
+  cfg.train.sft.num_steps = 400
+  cfg.train.sft.optimizer.peak_lr = 3e-3
+  cfg.train.sft.optimizer.end_lr = 3e-4
+  cfg.train.sft.optimizer.warmup_steps = 20
+  cfg.train.sft.eval_every = 0
+  cfg.train.sft.checkpoint_every = 0
+  cfg.train.sft.async_checkpoints = False
+  return cfg
