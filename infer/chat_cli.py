@@ -1,6 +1,6 @@
 """`k2-chat`: an interactive session that streams tokens and shows reasoning and tool calls as they come.
 
-  k2-chat --hf_dir=DIR [--tools=calculator,python] [--temperature=1.0] [--think_budget=N]
+  k2-chat --hf_dir=DIR [--tools=calculator,python] [--temperature=1.0] [--think_budget=N] [--heavy=N]
 Type a message and press enter; an empty line or end of input quits.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ flags.DEFINE_integer("think_budget", None, "Force </think> after this many think
 flags.DEFINE_integer("context", 8192, "Context budget in tokens (earlier tool outputs are hidden past it).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_string("system", None, "Optional system message.")
+flags.DEFINE_integer("heavy", 0, "Heavy mode: answer each message with this many trajectories in one batch, "
+                     "then an aggregation pass that sees them all. 0: off (tokens stream as they come).")
 
 
 class _Printer:
@@ -67,28 +69,51 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown tool(s) {unknown}; available: {sorted(known)}")
   tools = [known[t] for t in FLAGS.tools]
-  tok = cli_common.load_tokenizer(FLAGS.hf_dir)
+  if FLAGS.heavy < 0:
+    raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
+  try:
+    tok = cli_common.load_tokenizer(FLAGS.hf_dir, config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   params = sharding.place_params(params, config, mesh)
   engine = Engine(params, config, max_len=FLAGS.context + FLAGS.max_new_tokens)
-  printer = _Printer(tok)
-  policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, SamplingParams(FLAGS.temperature, 0, FLAGS.top_p),
-                        FLAGS.think_budget, on_token=printer)
+  sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
+  # Heavy mode decodes many rows at once: no streaming, the attempts are shown when they are done.
+  policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, sampling, FLAGS.think_budget,
+                        on_token=None if FLAGS.heavy else _Printer(tok))
   messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
-  count = lambda text: len(tok.encode(text, allow_special=True))
   with sharding.use_mesh(mesh):
-    _loop(policy, tools, messages, count)
+    (_heavy_loop if FLAGS.heavy else _loop)(policy, tools, messages, policy.count_tokens)
+
+
+def _read_message() -> str | None:
+  sys.stdout.write("\nyou> ")
+  sys.stdout.flush()
+  line = sys.stdin.readline()
+  return line.rstrip("\n") if line.strip() else None
+
+
+def _heavy_loop(policy, tools, messages, count):
+  from k2jax.infer.heavy import heavy_mode  # noqa: PLC0415
+  while (line := _read_message()) is not None:
+    asked = messages + [{"role": "user", "content": line}]
+    try:
+      result = heavy_mode(policy.batch, asked, n=FLAGS.heavy, count_tokens=count, tools=tools,
+                          max_steps=FLAGS.max_steps, context_budget_tokens=FLAGS.context)
+    except ValueError as e:  # e.g. the aggregation prompt does not fit the context
+      sys.stdout.write(f"[heavy mode failed: {e}]\n")
+      continue
+    for i, t in enumerate(result.trajectories, 1):
+      answer = t.final_answer if t.final_answer is not None else f"({t.stop_reason})"
+      sys.stdout.write(f"[attempt {i}, {t.num_tool_calls} tool calls] {answer[:200]}\n")
+    sys.stdout.write(f"k2> {result.final_answer or ''}\n")
+    messages = asked + [{"role": "assistant", "content": result.final_answer or ""}]
 
 
 def _loop(policy, tools, messages, count):
   from k2jax.infer.agent import AgentRun  # noqa: PLC0415
-  while True:
-    sys.stdout.write("\nyou> ")
-    sys.stdout.flush()
-    line = sys.stdin.readline()
-    if not line.strip():
-      return
-    run = AgentRun(messages + [{"role": "user", "content": line.rstrip("\n")}], tools, FLAGS.max_steps,
-                   FLAGS.context, count)
+  while (line := _read_message()) is not None:
+    run = AgentRun(messages + [{"role": "user", "content": line}], tools, FLAGS.max_steps, FLAGS.context, count)
     while (prompt := run.prompt()) is not None:
       sys.stdout.write("k2> ")
       run.advance(policy(prompt))

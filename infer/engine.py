@@ -26,9 +26,10 @@ class Generation:
   think_tokens: list[int]          # tokens spent inside <think> ... </think>
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-  """Rounds prompt lengths up to a power of two so a handful of shapes cover all prompts."""
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+def _bucket(n: int, max_len: int, minimum: int = 16) -> int:
+  """Rounds prompt lengths up to a power of two so a handful of shapes cover all prompts; never past
+  the cache (`max_len`), so every prompt that fits is accepted."""
+  return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
 
 
 def _open_think(prompt: Sequence[int], think_ids: tuple[int, int]) -> bool:
@@ -71,9 +72,9 @@ class Engine:
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
       raise ValueError("every prompt needs at least one token")
-    T = _bucket(max(lengths))
-    if T > self.max_len:
-      raise ValueError(f"prompt of {max(lengths)} tokens does not fit max_len={self.max_len}")
+    if max(lengths) > self.max_len:
+      raise ValueError(f"prompt of {max(lengths)} tokens does not fit the cache (max_len={self.max_len})")
+    T = _bucket(max(lengths), self.max_len)
     tokens = np.zeros((len(prompts), T), np.int32)
     seg = np.zeros((len(prompts), T), np.int32)
     for b, p in enumerate(prompts):
@@ -95,6 +96,8 @@ class Engine:
     looks at the tokens between calls.
     """
     B = len(prompts)
+    if max_new_tokens < 0:
+      raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     need = max(len(p) for p in prompts) + max_new_tokens
     if need > self.max_len:
       raise ValueError(f"prompt + max_new_tokens = {need} exceeds the cache (max_len={self.max_len})")

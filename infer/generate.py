@@ -2,8 +2,14 @@
 
   k2-generate --hf_dir=DIR --prompt_ids=1,2,3 --max_new_tokens=20 --temperature=0 --output=ids
   k2-generate --checkpoint=WORKDIR --prompt="2+2=" --chat --output=text
+  k2-generate --hf_dir=DIR --prompt="What is 6*7?" --chat --heavy=4 --temperature=1
+
+Text output leaves out stop tokens; the generation speed goes to stderr.
 """
 from __future__ import annotations
+
+import sys
+import time
 
 from absl import app, flags
 
@@ -26,6 +32,8 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("output", "text", ["ids", "text"], "Print generated ids (comma-separated) or text.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_integer("max_len", 0, "Cache length (0: prompt + max_new_tokens, rounded up).")
+flags.DEFINE_integer("heavy", 0, "Heavy mode (with --chat): this many trajectories in one batch, then an "
+                     "aggregation pass that sees them all and writes the final answer. 0: off.")
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -46,6 +54,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
+  for name in ("max_new_tokens", "heavy", "max_len"):
+    if FLAGS[name].value < 0:
+      raise app.UsageError(f"--{name} must be >= 0, got {FLAGS[name].value}")
+  if FLAGS.num_samples < 1:
+    raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+  if FLAGS.heavy and not (FLAGS.chat and FLAGS.prompt is not None and FLAGS.output == "text"):
+    raise app.UsageError("--heavy needs --chat with a text --prompt and --output=text")
   import jax  # noqa: PLC0415
 
   from k2jax.infer import cli_common  # noqa: PLC0415
@@ -58,7 +73,12 @@ def main(argv):
     sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
-  tok = cli_common.load_tokenizer(FLAGS.hf_dir) if (FLAGS.prompt is not None or FLAGS.output == "text") else None
+  try:  # ids in and out need no tokenizer, but its stop ids count when there is one
+    tok = cli_common.load_tokenizer(FLAGS.hf_dir, config)
+  except ValueError as e:
+    if FLAGS.prompt is not None or FLAGS.output == "text":
+      raise app.UsageError(str(e)) from None
+    tok = None
   if FLAGS.prompt_ids is not None:
     prompts = _parse_ids(FLAGS.prompt_ids)
   else:
@@ -73,13 +93,43 @@ def main(argv):
   prompts = [p for p in prompts for _ in range(FLAGS.num_samples)]
   stop = {config.eos_token_id} | (set(tok.stop_ids) if tok else set())
   think = (tok.id_of("<think>"), tok.id_of("</think>")) if tok and FLAGS.think_budget is not None else None
-  max_len = FLAGS.max_len or max(len(p) for p in prompts) + FLAGS.max_new_tokens + 16
+  longest = max(len(p) for p in prompts)
+  if FLAGS.heavy:  # the aggregation prompt carries every attempt's answer
+    longest += FLAGS.heavy * (FLAGS.max_new_tokens + 16) + 128
+  max_len = FLAGS.max_len or longest + FLAGS.max_new_tokens + 16
+  start = time.perf_counter()
   with sharding.use_mesh(mesh):
     engine = Engine(sharding.place_params(params, config, mesh), config, max_len=max_len)
-    gen = engine.generate(prompts, FLAGS.max_new_tokens, sampling=sampling, key=jax.random.key(FLAGS.seed),
-                          stop_ids=sorted(stop), think_ids=think, think_budget=FLAGS.think_budget)
-  for ids in gen.tokens:
-    print(",".join(map(str, ids)) if FLAGS.output == "ids" else tok.decode(ids))
+    try:
+      if FLAGS.heavy:
+        outputs, n_generated = _heavy(engine, tok, sampling), None
+      else:
+        gen = engine.generate(prompts, FLAGS.max_new_tokens, sampling=sampling, key=jax.random.key(FLAGS.seed),
+                              stop_ids=sorted(stop), think_ids=think, think_budget=FLAGS.think_budget)
+        n_generated = sum(map(len, gen.tokens))
+        outputs = [",".join(map(str, ids)) if FLAGS.output == "ids" else tok.decode([t for t in ids if t not in stop])
+                   for ids in gen.tokens]
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  seconds = time.perf_counter() - start
+  for line in outputs:
+    print(line)
+  if n_generated is not None:
+    print(f"{n_generated} tokens in {seconds:.2f} s: {n_generated / max(seconds, 1e-9):.1f} tokens/s "
+          "(compilation included)", file=sys.stderr)
+
+
+def _heavy(engine, tok, sampling) -> list[str]:
+  from k2jax.infer.heavy import heavy_mode  # noqa: PLC0415
+  from k2jax.infer.policy import EnginePolicy  # noqa: PLC0415
+  policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, sampling, FLAGS.think_budget, seed=FLAGS.seed)
+  result = heavy_mode(policy.batch, [{"role": "user", "content": FLAGS.prompt}], n=FLAGS.heavy,
+                      count_tokens=policy.count_tokens, max_steps=1,
+                      context_budget_tokens=engine.max_len - FLAGS.max_new_tokens)
+  for i, t in enumerate(result.trajectories, 1):
+    print(f"[attempt {i}] {t.final_answer if t.final_answer is not None else '(' + t.stop_reason + ')'}",
+          file=sys.stderr)
+  return [result.final_answer or ""]
 
 
 def run():

@@ -39,12 +39,16 @@ def aggregation_request(messages: Sequence[Mapping[str, Any]], trajectories: Seq
 
 
 def heavy_mode(batch_policy: BatchPolicy, messages: Sequence[Mapping[str, Any]], *, n: int = 8,
-               tools: Sequence[Tool] = (), max_steps: int = 8, context_budget_tokens: int = 1 << 18,
-               count_tokens: Callable[[str], int] = len,
+               count_tokens: Callable[[str], int], tools: Sequence[Tool] = (), max_steps: int = 8,
+               context_budget_tokens: int = 1 << 18,
                aggregation_prompt: str = DEFAULT_AGGREGATION_PROMPT,
                aggregate_policy: BatchPolicy | None = None) -> HeavyResult:
   """Runs `n` copies of the conversation in lockstep (one batched policy call per step; sampling makes
-  them differ), then asks the model once more, with every attempt in view, for the final answer."""
+  them differ), then asks the model once more, with every attempt in view, for the final answer.
+
+  `count_tokens(prompt)` measures prompts in the model's tokens for the context budget (an engine
+  policy's `count_tokens`); there is no default because characters are not tokens.
+  """
   if n < 1:
     raise ValueError(f"heavy mode needs n >= 1 trajectories, got {n}")
   trajectories = run_agents(batch_policy, [messages] * n, tools, max_steps, context_budget_tokens, count_tokens)

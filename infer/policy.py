@@ -34,5 +34,9 @@ class EnginePolicy:
                                think_ids=self._think, think_budget=self.think_budget, on_token=self.on_token)
     return [self.tokenizer.decode([t for t in toks if t not in self._stop]) for toks in gen.tokens]
 
+  def count_tokens(self, text: str) -> int:
+    """Prompt length in this model's tokens (for the agent loop's context budget)."""
+    return len(self.tokenizer.encode(text, allow_special=True))
+
   def __call__(self, prompt: str) -> str:
     return self.batch([prompt])[0]

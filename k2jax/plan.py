@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from k2jax import params as params_lib, sharding
+from k2jax import params as params_lib, report, sharding
 from k2jax.config import K2Config
 
-GIB = 1 << 30
+GIB = report.GIB  # the same unit as k2-params
 
 
 @dataclasses.dataclass

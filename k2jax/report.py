@@ -10,6 +10,7 @@ import numpy as np
 from k2jax import int4, params as params_lib
 from k2jax.config import K2Config
 
+GIB = 1 << 30  # the one byte unit of k2-params and k2-plan (device memory is sold in GiB)
 INT4_BYTES_PER_PARAM = 0.5 + 2 / int4.GROUP  # 4-bit values plus one bf16 scale per group
 
 # Component of each leaf, by the first matching path fragment.
@@ -67,10 +68,10 @@ def format_report(c: K2Config) -> str:
   serve_label = "serving (INT4 experts)" if c.expert_quant == "int4" else "serving"
   lines = [f"{c.name}: {c.num_hidden_layers} layers ({c.num_dense_layers} dense, {c.num_moe_layers} MoE), "
            f"{c.n_routed_experts} experts top-{c.num_experts_per_tok} + {c.n_shared_experts} shared",
-           f"{'component':<16}{'parameters':>20}{'share':>8}{'bf16 GB':>11}{serve_label + ' GB':>30}"]
+           f"{'component':<16}{'parameters':>20}{'share':>8}{'bf16 GiB':>11}{serve_label + ' GiB':>30}"]
   for r in rows + [total]:
     lines.append(f"{r.component:<16}{r.params:>20,}{100 * r.params / total.params:>7.1f}%"
-                 f"{r.bytes_bf16 / 1e9:>11.2f}{r.bytes_serving / 1e9:>30.2f}")
+                 f"{r.bytes_bf16 / GIB:>11.2f}{r.bytes_serving / GIB:>30.2f}")
   lines.append(f"activated per token: {activated_params(c, rows):,}")
   return "\n".join(lines)
 

@@ -115,3 +115,20 @@ def test_engine_with_int4_experts_matches_plain_forward():
   full = np.asarray(jax.jit(lambda p: model_lib.forward(p, c, jnp.asarray([seq])).logits)(p))[0]
   # Greedy decoding over the cache picks the plain forward's argmax at every step.
   np.testing.assert_array_equal(full[len(prompt) - 1:-1].argmax(-1), gen.tokens[0])
+
+
+def test_bucketing_never_rejects_a_prompt_that_fits():
+  c = presets.TINY
+  p = params.init_params(c, jax.random.key(6))
+  engine = Engine(p, c, max_len=44, cache_dtype=jnp.float32)
+  prompt = list(np.random.default_rng(6).integers(0, c.vocab_size, 40))  # rounds up to 64 > max_len
+  gen = engine.generate([prompt], 4)
+  seq = prompt + gen.tokens[0]
+  full = np.asarray(jax.jit(lambda p: model_lib.forward(p, c, jnp.asarray([seq])).logits)(p))[0]
+  np.testing.assert_array_equal(full[len(prompt) - 1:-1].argmax(-1), gen.tokens[0])
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -5"):
+    engine.generate([prompt], -5)
+  with pytest.raises(ValueError, match="exceeds the cache"):
+    engine.generate([prompt], 5)
+  with pytest.raises(ValueError, match="prompt of 45 tokens does not fit the cache"):
+    engine.prefill([prompt + [1] * 5])

@@ -22,7 +22,7 @@ def test_heavy_mode_scripted_sees_every_attempt():
       return [f"<think>all {n} seen</think>final {n}"]
     return [f"<think>try</think>answer {i}" for i in range(len(prompts))]
 
-  res = heavy_mode(policy, [{"role": "user", "content": "2+2?"}], n=8)
+  res = heavy_mode(policy, [{"role": "user", "content": "2+2?"}], n=8, count_tokens=len)
   assert [len(c) for c in calls] == [8, 1]  # one batch of 8, then the aggregation
   assert [t.final_answer for t in res.trajectories] == [f"answer {i}" for i in range(8)]
   assert res.final_answer == "final 8"
@@ -35,7 +35,8 @@ def test_heavy_mode_on_tiny_model_in_one_batch():
   policy = EnginePolicy(engine, tok, max_new_tokens=6, sampling=SamplingParams(temperature=1.0), seed=1)
   sizes = []
   batch = lambda prompts: (sizes.append(len(prompts)), policy.batch(prompts))[1]
-  res = heavy_mode(batch, [{"role": "user", "content": "What is 6*7?"}], n=8, tools=[CALCULATOR], max_steps=2)
+  res = heavy_mode(batch, [{"role": "user", "content": "What is 6*7?"}], n=8, tools=[CALCULATOR], max_steps=2,
+                   count_tokens=policy.count_tokens)
   assert sizes[0] == 8 and sizes[-1] == 1
   assert len(res.trajectories) == 8
   texts = [t.steps[0].generated_text for t in res.trajectories]
@@ -62,3 +63,15 @@ def test_chat_cli_streams_a_turn(tmp_path):
                        input="hi there\n\n", capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "you>" in res.stdout and "k2>" in res.stdout and "tool calls]" in res.stdout
+
+
+def test_chat_cli_heavy_mode(tmp_path):
+  from k2jax import hf
+  c = presets.TINY
+  hf.save_hf(params.init_params(c, jax.random.key(4)), c, str(tmp_path / "m"))
+  res = subprocess.run([sys.executable, "-m", "k2jax.infer.chat_cli", f"--hf_dir={tmp_path / 'm'}", "--heavy=2",
+                        "--max_new_tokens=3", "--max_steps=1", "--context=512", "--temperature=1", "--tools="],
+                       input="hi there\n\n", capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert res.stdout.count("[attempt ") == 2 and "k2> " in res.stdout
+  assert "Unable to initialize backend" not in res.stderr
