@@ -72,7 +72,7 @@ def main(argv):
   if FLAGS.heavy < 0:
     raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
   try:
-    tok = cli_common.load_tokenizer(FLAGS.hf_dir, config)
+    tok = cli_common.load_tokenizer(FLAGS.hf_dir, config, FLAGS.checkpoint)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   params = sharding.place_params(params, config, mesh)

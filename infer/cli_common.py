@@ -20,18 +20,18 @@ def load_model(hf_dir: str | None, checkpoint: str | None, dtype: str):
   return checkpointing.load_params_for_inference(checkpoint, dt)
 
 
-def load_tokenizer(hf_dir: str | None, config):
-  """The checkpoint's own tokenizer (tiktoken.model in `hf_dir`); the project's tiny one only for a
-  model with the tiny vocabulary (the tiny presets, k2-train runs of them). Anything else is an error:
-  the wrong vocabulary would decode to garbage."""
+def load_tokenizer(hf_dir: str | None, config, checkpoint: str | None = None):
+  """The checkpoint's own tokenizer: tiktoken.model in `hf_dir`, or in `checkpoint`/hf (where k2-convert
+  keeps the source's files). The project's tiny one only for a model with the tiny vocabulary (the tiny
+  presets, k2-train runs of them). Anything else is an error: the wrong vocabulary decodes to garbage."""
   from k2jax import tokenizer, tokenizer_build  # noqa: PLC0415
-  if hf_dir and os.path.exists(os.path.join(hf_dir, tokenizer.TIKTOKEN_FILE)):
-    return tokenizer.Tokenizer.from_dir(hf_dir)
+  folder = hf_dir or (os.path.join(checkpoint, "hf") if checkpoint else None)
+  if folder and os.path.exists(os.path.join(folder, tokenizer.TIKTOKEN_FILE)):
+    return tokenizer.Tokenizer.from_dir(folder)
   tiny = tokenizer_build.tiny_tokenizer()
   if config.vocab_size == tiny.vocab_size:
     return tiny
-  where = f"{hf_dir} has no {tokenizer.TIKTOKEN_FILE}" if hf_dir else "a k2-train checkpoint ships no tokenizer"
+  where = f"{folder} has no {tokenizer.TIKTOKEN_FILE}" if folder else "no tokenizer folder was given"
   raise ValueError(f"{where}, and the model's vocabulary ({config.vocab_size} ids) is not the tiny one "
-                   f"({tiny.vocab_size}); copy the checkpoint's {tokenizer.TIKTOKEN_FILE} and "
+                   f"({tiny.vocab_size}); put the checkpoint's {tokenizer.TIKTOKEN_FILE} and "
                    f"{tokenizer.CONFIG_FILE} next to its config.json, or use --prompt_ids with --output=ids")
-

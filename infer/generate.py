@@ -74,7 +74,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   try:  # ids in and out need no tokenizer, but its stop ids count when there is one
-    tok = cli_common.load_tokenizer(FLAGS.hf_dir, config)
+    tok = cli_common.load_tokenizer(FLAGS.hf_dir, config, FLAGS.checkpoint)
   except ValueError as e:
     if FLAGS.prompt is not None or FLAGS.output == "text":
       raise app.UsageError(str(e)) from None

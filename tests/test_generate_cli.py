@@ -68,5 +68,8 @@ def test_tokenizer_is_the_checkpoints_own_or_a_clear_error(tmp_path):
   assert own.encode("hello world") == tiny.encode("hello world")
   with pytest.raises(ValueError, match=f"{tmp_path} has no tiktoken.model"):
     cli_common.load_tokenizer(str(tmp_path), presets.K2_THINKING)
-  with pytest.raises(ValueError, match="checkpoint ships no tokenizer"):
+  with pytest.raises(ValueError, match="no tokenizer folder was given"):
     cli_common.load_tokenizer(None, presets.K2_THINKING)
+  (tmp_path / "run").mkdir()  # k2-convert keeps the source's tokenizer in OUT/hf
+  shutil.copytree(tmp_path / "tok", tmp_path / "run" / "hf")
+  assert cli_common.load_tokenizer(None, presets.K2_THINKING, str(tmp_path / "run")).vocab_size == tiny.vocab_size

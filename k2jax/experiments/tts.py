@@ -195,7 +195,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
     store = training.prepare(cfg, workdir, rl_steps, progress=progress)
     models, config = store.params, store.config
-    tokenizer = cli_common.load_tokenizer(None)
+    tokenizer = cli_common.load_tokenizer(None, config)
     source = {"trained_in": str(workdir), "rl_steps": store.rl_steps}
   else:
     try:
@@ -203,7 +203,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
     except (ValueError, FileNotFoundError) as e:
       raise SweepError(str(e)) from None
     models = lambda step: params  # noqa: E731
-    tokenizer = cli_common.load_tokenizer(hf_dir)
+    tokenizer = cli_common.load_tokenizer(hf_dir, config, checkpoint)
     source = {"checkpoint": checkpoint} if checkpoint else {"hf_dir": hf_dir}
   t_train = time.perf_counter() - t0
   results = run_sweep(cfg, plan, models, tokenizer, config, workdir, progress=progress, mesh=mesh)
