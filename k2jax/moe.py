@@ -45,7 +45,7 @@ def route(x_td: jax.Array, router_de: jax.Array, bias_e: jax.Array, c: K2Config)
 def grouped_matmul(x_md: jax.Array, w_edf, group_sizes_e: jax.Array) -> jax.Array:
   """Rows of `x` sorted by expert times that expert's matrix (dropless); `w` dense or INT4.
 
-  The backend picks the kernel: Pallas grouped matmuls on TPU/GPU, `ragged_dot` on CPU.
+  The backend picks the kernel: Pallas grouped matmuls on TPU/GPU, row blocks per expert in XLA on CPU.
   """
   return dispatch.grouped_matmul(x_md, w_edf, group_sizes_e)
 

@@ -1,9 +1,13 @@
 """Pick an expert-matmul implementation per backend.
 
-  impl="auto":   TPU -> Mosaic Pallas kernels, GPU -> Triton Pallas kernels, CPU -> XLA.
+  impl="auto":   TPU -> Mosaic Pallas kernels, GPU -> Triton Pallas kernels, CPU (and others) -> "xla".
   impl="pallas": the Pallas kernel for `backend` ("tpu" or "gpu"); on a CPU host pass `interpret`
                  (True, or `pltpu.InterpretParams()` for the TPU kernels) to run it interpreted.
-  impl="xla":    lax.ragged_dot / jnp.dot, dequantising a QuantizedWeight first.
+  impl="xla":    plain XLA: grouped matmuls by `gmm_xla` (row blocks per expert, cost ~ useful FLOPs;
+                 INT4 experts dequantised one at a time, only those with rows), or lax.ragged_dot when
+                 even E times the work is tiny (it compiles faster); jnp.dot for `matmul`.
+  impl="ragged": the backend's own lax.ragged_dot (INT4 weights dequantised first). XLA:CPU lowers it
+                 to a dense product per group (~E times the work), so "auto" never picks it on CPU.
 Tile sizes (tm, tk, tn) default per backend and kernel; pass `tiling` to override.
 """
 
@@ -16,12 +20,16 @@ import jax.numpy as jnp
 
 from k2jax.int4 import QuantizedWeight
 from k2jax.kernels import gmm as gmm_mod
+from k2jax.kernels import gmm_xla
 from k2jax.kernels import int4_matmul as int4_mm_mod
 from k2jax.kernels.gmm import Tiling, gmm, gmm_ref, precision
 from k2jax.kernels.int4_gmm import int4_gmm, int4_gmm_ref
 from k2jax.kernels.int4_matmul import int4_matmul, int4_matmul_ref
 
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "xla", "ragged")
+# Below this many multiply-adds for all E experts on all M rows, ragged_dot's E-fold work costs less
+# than gmm_xla's loops (per-iteration overhead, and compile time).
+RAGGED_MAX_MACS = 1 << 24
 DEFAULT_TILING: dict[tuple[str, str], Tiling] = {
     ("tpu", "dense"): gmm_mod.TPU_TILING,
     ("gpu", "dense"): gmm_mod.GPU_TILING,
@@ -62,12 +70,17 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
   """
   platform, impl = _resolve(backend, impl, interpret)
   group_sizes = group_sizes.astype(jnp.int32)
+  if impl == "xla":
+    e, k, n = w.shape
+    if e * lhs_mk.shape[0] * k * n > RAGGED_MAX_MACS:
+      return gmm_xla.gmm(lhs_mk, w, group_sizes, out_dtype=out_dtype)
+    impl = "ragged"
   if isinstance(w, QuantizedWeight):
-    if impl == "xla":
+    if impl == "ragged":
       return int4_gmm_ref(lhs_mk, w, group_sizes, out_dtype=out_dtype)
     return int4_gmm(lhs_mk, w, group_sizes, tiling=_tiling(platform, "int4", tiling), out_dtype=out_dtype,
                     platform=platform, interpret=interpret)
-  if impl == "xla":
+  if impl == "ragged":
     return gmm_ref(lhs_mk, w, group_sizes, out_dtype=out_dtype)
   return gmm(lhs_mk, w, group_sizes, tiling=_tiling(platform, "dense", tiling), out_dtype=out_dtype,
              platform=platform, interpret=interpret)
@@ -78,6 +91,7 @@ def matmul(x, w, *, backend: str | None = None, impl: str = "auto", tiling: Tili
   """x[.., K] @ w[K, N] for a dense array or a 2-D QuantizedWeight (leading axes of x are flattened)."""
   platform, impl = _resolve(backend, impl, interpret)
   out_dtype = out_dtype or x.dtype
+  impl = "xla" if impl == "ragged" else impl
   if not isinstance(w, QuantizedWeight):
     return jnp.dot(x, w.astype(x.dtype), precision=precision(x.dtype),
                    preferred_element_type=jnp.float32).astype(out_dtype)

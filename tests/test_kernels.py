@@ -125,10 +125,10 @@ def test_bf16_int4_gmm_and_dispatch(data):
   ref = int4_gmm_ref(x, q3, sizes)  # same bf16 weights, fp32 accumulation
   got = dispatch.grouped_matmul(x, q3, sizes, backend="tpu", impl="pallas", tiling=TILING, interpret=True)
   assert got.dtype == jnp.bfloat16 and rel(got, ref) < 1e-2
-  xla = dispatch.grouped_matmul(x, q3, sizes)  # CPU default: XLA path
-  np.testing.assert_array_equal(np.asarray(xla), np.asarray(ref))
+  xla = dispatch.grouped_matmul(x, q3, sizes, out_dtype=jnp.float32)  # CPU default: XLA path
+  assert rel(xla, int4_gmm_ref(x, q3, sizes, out_dtype=jnp.float32)) < F32_TOL
   dense = dispatch.grouped_matmul(data["x"], data["w"], sizes)
-  assert rel(dense, gmm_ref(data["x"], data["w"], sizes)) == 0
+  assert rel(dense, gmm_ref(data["x"], data["w"], sizes)) < F32_TOL
   y = dispatch.matmul(data["x"].reshape(8, 9, K), data["q2"], backend="gpu", impl="pallas", tiling=TILING,
                       interpret=True)
   assert y.shape == (8, 9, N) and rel(y.reshape(M, N), int4_matmul_ref(data["x"], data["q2"])) < F32_TOL

@@ -1,0 +1,181 @@
+"""Grouped matmul in plain XLA for backends without a Pallas kernel (CPU, and any fallback).
+
+XLA:CPU lowers `lax.ragged_dot` to a dense product per group (about E times the useful work). Here the
+rows, already sorted by expert, are walked in blocks of `block` rows: a loop over the experts that
+have rows takes that expert's matrix once (dequantising an INT4 weight there, so only experts with
+rows are dequantised), and an inner loop multiplies its row blocks [start_e + j*block, +block).
+The last block of an expert runs into the next expert's rows; experts go in order, so the next one
+overwrites them. Work is about M + (experts with rows) * block rows, whatever the split.
+
+Shapes are static (the loops have dynamic trip counts, a while loop each), so it runs under jit,
+inside shard_map and under eval_shape. The custom VJP gives dlhs by the same loop over w[e]^T and the
+per-expert dw by a loop that accumulates lhs_blk^T @ dout_blk with the rows of other experts masked.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from k2jax.int4 import QuantizedWeight
+
+MIN_BLOCK, MAX_BLOCK = 8, 128
+
+
+def block_rows(m: int, num_groups: int) -> int:
+  """Rows per block: about half the mean group size (a power of two in [8, 128])."""
+  target = max(1, m // (2 * max(num_groups, 1)))
+  return int(min(MAX_BLOCK, max(MIN_BLOCK, 1 << (target.bit_length() - 1))))
+
+
+def _compute_dtype(dtype):
+  # XLA:CPU multiplies bf16 much slower than f32; blocks are upcast (exact: f32 accumulation either way).
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def _bounds(group_sizes):
+  sizes = group_sizes.astype(jnp.int32)
+  ends = jnp.cumsum(sizes)
+  nonempty = sizes > 0
+  nz_ids = jnp.nonzero(nonempty, size=sizes.shape[0], fill_value=0)[0].astype(jnp.int32)
+  return ends - sizes, ends, nz_ids, nonempty.sum(dtype=jnp.int32)
+
+
+def _expert_weight(w, e, dtype, cdt):
+  """w[e] as a dense [K, N] array: INT4 dequantised to `dtype` (this expert only), then cast to `cdt`."""
+  if isinstance(w, QuantizedWeight):
+    return w[e].dequantize(dtype).astype(cdt)
+  return lax.dynamic_index_in_dim(w, e, keepdims=False).astype(dtype).astype(cdt)
+
+
+def _varying_axes(a) -> set:
+  t = jax.typeof(a)
+  names = getattr(t, "vma", None)
+  if names is None:  # newer jax keeps them on the manual-axis type
+    names = getattr(getattr(t, "mat", None), "varying", ())
+  return set(names or ())
+
+
+def _varying_like(init, *operands):
+  """`init` marked as varying over the manual mesh axes the operands vary over (inside shard_map a loop
+  carry must keep its type; outside it this is the identity)."""
+  axes = set().union(*(_varying_axes(a) for a in jax.tree.leaves(operands)))
+  return lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
+
+
+def _sum_to_varying_of(ct, primal):
+  """A cotangent summed over the manual axes it varies over but its primal does not (inside shard_map,
+  the gradient of an operand replicated over an axis is the sum of the shards' contributions)."""
+  extra = _varying_axes(ct) - _varying_axes(primal)
+  return lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _pad_rows(x, rows):
+  return jnp.pad(x, ((0, rows), (0, 0)))
+
+
+def _gmm_loop(lhs_mk, w, group_sizes, block, out_dtype, transpose_rhs):
+  """out[M, N] rows of group e times w[e] (or w[e]^T); rows past the groups are 0."""
+  m = lhs_mk.shape[0]
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  cdt = _compute_dtype(lhs_mk.dtype)
+  starts, ends, nz_ids, n_nz = _bounds(group_sizes)
+  lhs = _pad_rows(lhs_mk, block)
+  dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+  def expert(r, out):
+    e = nz_ids[r]
+    w_kn = _expert_weight(w, e, lhs_mk.dtype, cdt)
+    start = starts[e]
+
+    def row_block(j, out):
+      row0 = start + j * block
+      x = lax.dynamic_slice_in_dim(lhs, row0, block).astype(cdt)
+      y = lax.dot_general(x, w_kn, dims, preferred_element_type=jnp.float32)
+      return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
+
+    return lax.fori_loop(0, (ends[e] - start + block - 1) // block, row_block, out)
+
+  out = lax.fori_loop(0, n_nz, expert, _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, w, group_sizes))
+  valid = jnp.arange(m) < ends[-1]
+  return jnp.where(valid[:, None], out[:m], jnp.zeros((), out_dtype))
+
+
+def tgmm(lhs_mk, dout_mn, group_sizes, *, block: int | None = None, out_dtype=None):
+  """dw[E, K, N] = lhs[rows of e]^T @ dout[rows of e] per group; zeros for empty groups."""
+  m, k = lhs_mk.shape
+  n = dout_mn.shape[1]
+  num_groups = group_sizes.shape[0]
+  block = block or block_rows(m, num_groups)
+  out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
+  cdt = _compute_dtype(lhs_mk.dtype)
+  starts, ends, nz_ids, n_nz = _bounds(group_sizes)
+  lhs, dout = _pad_rows(lhs_mk, block), _pad_rows(dout_mn, block)
+
+  def expert(r, dw):
+    e = nz_ids[r]
+    start, end = starts[e], ends[e]
+
+    def row_block(j, acc):
+      row0 = start + j * block
+      rows = row0 + jnp.arange(block)
+      x = lax.dynamic_slice_in_dim(lhs, row0, block).astype(cdt)
+      d = lax.dynamic_slice_in_dim(dout, row0, block).astype(cdt)
+      d = jnp.where((rows < end)[:, None], d, jnp.zeros((), cdt))
+      return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc0 = _varying_like(jnp.zeros((k, n), jnp.float32), lhs, dout, group_sizes)
+    acc = lax.fori_loop(0, (end - start + block - 1) // block, row_block, acc0)
+    return lax.dynamic_update_index_in_dim(dw, acc.astype(out_dtype), e, 0)
+
+  dw0 = _varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs, dout, group_sizes)
+  return lax.fori_loop(0, n_nz, expert, dw0)
+
+
+def _zero_cotangent(a):
+  if jnp.issubdtype(a.dtype, jnp.floating):
+    return jnp.zeros_like(a)
+  return np.zeros(a.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs, w, group_sizes, block, out_dtype):
+  return _gmm_loop(lhs, w, group_sizes, block, out_dtype, transpose_rhs=False)
+
+
+def _gmm_fwd(lhs, w, group_sizes, block, out_dtype):
+  return _gmm(lhs, w, group_sizes, block, out_dtype), (lhs, w, group_sizes)
+
+
+def _gmm_bwd(block, out_dtype, res, dout):
+  lhs, w, group_sizes = res
+  dlhs = _gmm_loop(dout, w, group_sizes, block, lhs.dtype, transpose_rhs=True)
+  if isinstance(w, QuantizedWeight):  # inference weights: no gradient (integer leaves take float0)
+    dw = jax.tree.map(_zero_cotangent, w)
+  else:
+    dw = _sum_to_varying_of(tgmm(lhs, dout, group_sizes, block=block, out_dtype=w.dtype), w)
+  return _sum_to_varying_of(dlhs, lhs), dw, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+# jit so that eager callers reuse one compiled loop instead of tracing fresh loop bodies every call.
+_gmm_jit = jax.jit(_gmm, static_argnums=(3, 4))
+
+
+def gmm(lhs_mk, w_ekn, group_sizes, *, block: int | None = None, out_dtype=None):
+  """out[M, N]: rows [start_e, start_e + group_sizes[e]) of lhs_mk times w_ekn[e]; rows past the groups
+  are 0. w_ekn dense [E, K, N] (differentiable in lhs and w) or a QuantizedWeight (differentiable in lhs;
+  dequantised to lhs's dtype, as the Pallas kernels do)."""
+  m, k = lhs_mk.shape
+  num_groups, k_w, _ = w_ekn.shape
+  if k_w != k:
+    raise ValueError(f"lhs {lhs_mk.shape} does not contract with w {w_ekn.shape}")
+  if group_sizes.shape != (num_groups,):
+    raise ValueError(f"group_sizes {group_sizes.shape} does not match {num_groups} experts")
+  block = block or block_rows(m, num_groups)
+  out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
+  return _gmm_jit(lhs_mk, w_ekn, group_sizes.astype(jnp.int32), block, out_dtype)

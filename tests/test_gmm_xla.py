@@ -1,0 +1,133 @@
+"""The plain-XLA grouped matmul (the CPU path of `dispatch.grouped_matmul`) against float64 numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k2jax.int4 import QuantizedWeight
+from k2jax.kernels import dispatch, gmm_xla
+
+M, K, N = 100, 64, 48
+# Empty experts first, inside and last; one expert holds half the rows; rows 97..99 are in no group.
+SIZES = [0, 7, 50, 0, 1, 23, 16, 0]
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def ref_gmm(x, w, sizes):
+  out = np.zeros((x.shape[0], w.shape[-1]))
+  start = 0
+  for e, s in enumerate(sizes):
+    out[start:start + s] = x[start:start + s] @ w[e]
+    start += s
+  return out
+
+
+def ref_dw(x, dout, sizes):
+  dw, start = np.zeros((len(sizes), x.shape[1], dout.shape[1])), 0
+  for e, s in enumerate(sizes):
+    dw[e] = x[start:start + s].T @ dout[start:start + s]
+    start += s
+  return dw
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  return (rng.standard_normal((M, K)), rng.standard_normal((len(SIZES), K, N)) / np.sqrt(K),
+          rng.standard_normal((M, N)))
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_forward_and_grads_match_float64(data, block):
+  x, w, dout = data
+  sizes = jnp.asarray(SIZES, jnp.int32)
+  f = jax.jit(lambda x, w: gmm_xla.gmm(x, w, sizes, block=block))
+  out, vjp = jax.vjp(f, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  assert rel(out, ref_gmm(x, w, SIZES)) < 1e-6
+  assert not np.asarray(out[sum(SIZES):]).any()
+  dx, dw = vjp(jnp.asarray(dout, jnp.float32))
+  assert rel(dx, ref_gmm(dout, np.swapaxes(w, 1, 2), SIZES)) < 1e-6
+  assert rel(dw, ref_dw(x, dout, SIZES)) < 1e-6
+  assert not np.asarray(dw)[[e for e, s in enumerate(SIZES) if s == 0]].any()
+
+
+def test_edge_splits(data):
+  x, w, _ = data
+  xj, wj = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+  f = jax.jit(jax.value_and_grad(lambda w, g: jnp.sum(jnp.sin(gmm_xla.gmm(xj, w, g, block=16)))))
+  for sizes in ([0, 0, 0, 0, 0, 0, 0, M], [M, 0, 0, 0, 0, 0, 0, 0], [0] * 8, [1] * 8, [12] * 8):
+    y = ref_gmm(x, w, sizes)
+    loss, dw = f(wj, jnp.asarray(sizes, jnp.int32))
+    np.testing.assert_allclose(float(loss), np.sin(y).sum(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw(x, np.cos(y) * (y != 0), sizes), atol=1e-4)
+
+
+def test_bf16_int4_and_dispatch(data):
+  x, w, dout = data
+  sizes = jnp.asarray(SIZES, jnp.int32)
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  x64, dout_b = np.asarray(xb, np.float64), jnp.asarray(dout, jnp.bfloat16)
+
+  @jax.jit
+  def fwd_bwd(x, w):  # dense bf16 or INT4 weights
+    out, vjp = jax.vjp(lambda x, w: gmm_xla.gmm(x, w, sizes), x, w)
+    return out, *vjp(dout_b)
+
+  out, dx, dw = fwd_bwd(xb, wb)
+  assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  w64 = np.asarray(wb, np.float64)
+  assert rel(out, ref_gmm(x64, w64, SIZES)) < 4e-3
+  assert rel(dx, ref_gmm(np.asarray(dout_b, np.float64), np.swapaxes(w64, 1, 2), SIZES)) < 4e-3
+  assert rel(dw, ref_dw(x64, np.asarray(dout_b, np.float64), SIZES)) < 4e-3
+  q = QuantizedWeight.quantize(jnp.asarray(w, jnp.float32))
+  out, dx, dq = fwd_bwd(xb, q)  # INT4: dequantised to bf16 per expert, no weight gradient
+  deq = np.asarray(q.dequantize(jnp.bfloat16), np.float64)
+  assert rel(out, ref_gmm(x64, deq, SIZES)) < 4e-3
+  assert rel(dx, ref_gmm(np.asarray(dout_b, np.float64), np.swapaxes(deq, 1, 2), SIZES)) < 4e-3
+  assert not np.asarray(dq.scales).any()
+
+
+def test_dispatch_routes_cpu_to_the_loop_unless_tiny():
+  s = jax.ShapeDtypeStruct
+  loops = lambda m, e: "while" in str(jax.make_jaxpr(dispatch.grouped_matmul)(
+      s((m, 512), jnp.float32), s((e, 512, 256), jnp.float32), s((e,), jnp.int32)))
+  assert loops(4096, 32) and not loops(8, 2)
+
+
+def test_inside_shard_map_with_grads(data):
+  """Experts split over a 2-device mesh, rows replicated: values and both gradients match one device."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  x, w, dout = (jnp.asarray(a, jnp.float32) for a in data)
+  sizes = jnp.asarray(SIZES, jnp.int32)
+  mesh = jax.make_mesh((2,), ("expert",), devices=jax.devices()[:2])
+  half = len(SIZES) // 2
+
+  def body(x, w, sizes, shard_start):  # each shard runs the rows of its own experts
+    start = shard_start[0]
+    local = jnp.roll(x, -start, axis=0)
+    return jnp.roll(gmm_xla.gmm(local, w, sizes, block=8), start, axis=0)[None]
+
+  run = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("expert"), P("expert"), P("expert")),
+                      out_specs=P("expert"))
+  starts = jnp.asarray([0, sum(SIZES[:half])], jnp.int32)
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  loss = lambda x, w: jnp.sum(run(x, w, put(sizes, P("expert")), put(starts, P("expert"))).sum(0) * dout)
+  got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(put(x, P()), put(w, P("expert")))
+  want = jax.value_and_grad(lambda x, w: jnp.sum(gmm_xla.gmm(x, w, sizes) * dout), argnums=(0, 1))(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel(a, b) < 1e-6
+
+
+def test_full_size_shapes_are_static():
+  s = jax.ShapeDtypeStruct
+  m, e, d, f = 8192, 384, 7168, 2048  # K2: 384 experts, 7168 -> 2048
+  fn = jax.grad(lambda x, w, g: gmm_xla.gmm(x, w, g).astype(jnp.float32).sum(), (0, 1))
+  dx, dw = jax.eval_shape(fn, s((m, d), jnp.bfloat16), s((e, d, f), jnp.bfloat16), s((e,), jnp.int32))
+  assert dx.shape == (m, d) and dw.shape == (e, d, f)
+  q = QuantizedWeight(s((e, 4, d // 32, f), jnp.int32), s((e, d // 32, f), jnp.bfloat16))
+  assert jax.eval_shape(gmm_xla.gmm, s((m, d), jnp.bfloat16), q, s((e,), jnp.int32)).shape == (m, f)
