@@ -16,6 +16,9 @@ flags.DEFINE_string("hf_dir", None, "HF checkpoint folder.")
 flags.DEFINE_string("checkpoint", None, "k2-train workdir or checkpoint folder.")
 sharding.define_mesh_flag()
 flags.DEFINE_list("tools", ["calculator", "python"], "Built-in tools to offer the model (empty: none).")
+flags.DEFINE_enum("python_isolation", "bwrap", ["bwrap", "unsafe"],
+                  "How the python tool isolates model-written code: bwrap (OS sandbox, required by default) or "
+                  "unsafe (no isolation at all).")
 flags.DEFINE_integer("max_new_tokens", 512, "Tokens per model turn.")
 flags.DEFINE_integer("max_steps", 16, "Model turns (tool-call rounds) per user message.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
@@ -54,7 +57,7 @@ class _Printer:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from k2jax.infer import cli_common, tools as tools_lib  # noqa: PLC0415
+  from k2jax.infer import cli_common, sandbox, tools as tools_lib  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
   from k2jax.infer.policy import EnginePolicy  # noqa: PLC0415
   from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
@@ -69,6 +72,13 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown tool(s) {unknown}; available: {sorted(known)}")
   tools = [known[t] for t in FLAGS.tools]
+  if "python" in FLAGS.tools:
+    tools[FLAGS.tools.index("python")] = tools_lib.python_tool(isolation=FLAGS.python_isolation)
+    if FLAGS.python_isolation == "bwrap":
+      try:
+        sandbox.require_sandbox()
+      except sandbox.SandboxUnavailable as e:
+        raise app.UsageError(f"{e} (flag --python_isolation=unsafe, or drop python from --tools)") from None
   if FLAGS.heavy < 0:
     raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
   try:

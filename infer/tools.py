@@ -1,9 +1,8 @@
 """Tools the agent can call: a registry entry type, JSON-schema argument checks, and two built-ins.
 
 - `calculator`: arithmetic through a whitelist over Python's `ast` (no eval), with size guards.
-- `python`: code run in a separate `python -I` process with a wall-clock timeout, rlimits on memory,
-  CPU time and file size, a fresh temporary directory as cwd, and audit hooks that
-  refuse network sockets, process spawning, signals and the matching C functions through ctypes.
+- `python`: a fresh interpreter per call in an OS sandbox (`k2jax.infer.sandbox`: namespaces,
+  read-only filesystem, seccomp, rlimits), which says precisely what it guarantees.
 """
 
 from __future__ import annotations
@@ -11,17 +10,13 @@ from __future__ import annotations
 import ast
 import math
 import operator
-import os
-import resource
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from k2jax.infer import sandbox
+from k2jax.infer.sandbox import SandboxResult, SandboxUnavailable, run_python  # noqa: F401 (public API)
 
 
 class ToolError(Exception):
@@ -105,7 +100,13 @@ def _json_type_name(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # Calculator
 
-_MAX_INT_BITS = 100_000  # bounds time and memory of any single operation
+_MAX_INT_BITS = 100_000  # operands and results: bounds the time and memory of every operation
+_MAX_EXPRESSION_CHARS = 2000
+_MAX_DEPTH = 100  # nesting of the expression tree
+_MAX_SHOWN_DIGITS = 4000  # longer integers are shown rounded, with their digit count
+_MAX_ROUND_DIGITS = 1000
+_MAX_FACTORIAL = 5000
+_TIME_LIMIT_S = 1.0
 _BINARY_OPS: dict[type, Callable[[Any, Any], Any]] = {
   ast.Add: operator.add,
   ast.Sub: operator.sub,
@@ -124,59 +125,104 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
 
 
-def _check_size(value: Any) -> Any:
+def _check_value(value: Any) -> Any:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ToolError(f"the result is not a real number ({type(value).__name__})")
   if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
-    raise ToolError(f"result too large (more than {_MAX_INT_BITS} bits)")
+    raise ToolError(f"number too large (more than {_MAX_INT_BITS} bits)")
   return value
 
 
 def _power(base: Any, exponent: Any) -> Any:
   if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1:
     if exponent * max(abs(base).bit_length() - 1, 1) > _MAX_INT_BITS:
-      raise ToolError(f"result too large (more than {_MAX_INT_BITS} bits)")
+      raise ToolError(f"number too large (more than {_MAX_INT_BITS} bits)")
   return base**exponent
 
 
-def _evaluate(node: ast.AST) -> Any:
+def _check_call(name: str, arguments: list[Any]) -> None:
+  """Refuse the arguments whose cost grows with their value, not their size."""
+  if name == "factorial" and arguments and isinstance(arguments[0], int) and arguments[0] > _MAX_FACTORIAL:
+    raise ToolError(f"factorial argument too large (at most {_MAX_FACTORIAL})")
+  if name == "round" and len(arguments) == 2 and not (
+    isinstance(arguments[1], int) and abs(arguments[1]) <= _MAX_ROUND_DIGITS
+  ):
+    raise ToolError(f"round's digits must be an integer between -{_MAX_ROUND_DIGITS} and {_MAX_ROUND_DIGITS}")
+
+
+def _depth(tree: ast.AST) -> int:
+  """Nesting depth of the tree, found without recursion."""
+  deepest, stack = 0, [(tree, 1)]
+  while stack:
+    node, depth = stack.pop()
+    deepest = max(deepest, depth)
+    stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+  return deepest
+
+
+def _evaluate(node: ast.AST, deadline: float) -> Any:
+  if time.monotonic() > deadline:
+    raise ToolError(f"the expression took too long (more than {_TIME_LIMIT_S:g} s)")
   if isinstance(node, ast.Expression):
-    return _evaluate(node.body)
+    return _evaluate(node.body, deadline)
   if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-    return node.value
+    return _check_value(node.value)
   if isinstance(node, ast.Name) and node.id in _CONSTANTS:
     return _CONSTANTS[node.id]
   if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-    return _UNARY_OPS[type(node.op)](_evaluate(node.operand))
+    return _UNARY_OPS[type(node.op)](_evaluate(node.operand, deadline))
   if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-    left, right = _evaluate(node.left), _evaluate(node.right)
+    left, right = _evaluate(node.left, deadline), _evaluate(node.right, deadline)
     if isinstance(node.op, ast.Pow):
-      return _check_size(_power(left, right))
-    return _check_size(_BINARY_OPS[type(node.op)](left, right))
+      return _check_value(_power(left, right))
+    return _check_value(_BINARY_OPS[type(node.op)](left, right))
   if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
-    arguments = [_evaluate(argument) for argument in node.args]
-    if node.func.id == "factorial" and arguments and isinstance(arguments[0], int) and arguments[0] > 5000:
-      raise ToolError("factorial argument too large (at most 5000)")
-    return _check_size(_FUNCTIONS[node.func.id](*arguments))
+    arguments = [_evaluate(argument, deadline) for argument in node.args]
+    _check_call(node.func.id, arguments)
+    return _check_value(_FUNCTIONS[node.func.id](*arguments))
   raise ToolError(f"unsupported expression element: {ast.dump(node)[:80]}")
 
 
+def _show(value: int | float) -> str:
+  if isinstance(value, int) and value.bit_length() > _MAX_SHOWN_DIGITS * 3.32:
+    digits = int(math.log10(abs(value))) + 1  # float log10 of an int: off by one only at exact powers of ten
+    lead = abs(value) // 10 ** (digits - 17)
+    digits += len(str(lead)) - 17
+    lead_text = str(lead)
+    sign = "-" if value < 0 else ""
+    return f"{sign}{lead_text[0]}.{lead_text[1:16]}e+{digits - 1} (an integer of {digits} digits; leading digits shown)"
+  return repr(value)
+
+
 def calculate(expression: str) -> str:
-  """Value of an arithmetic expression (+ - * / // % **, parentheses, math functions and constants)."""
-  if len(expression) > 2000:
-    raise ToolError("expression too long (at most 2000 characters)")
+  """Value of an arithmetic expression (+ - * / // % **, parentheses, math functions and constants).
+
+  Every failure is a ToolError: too long, nested too deeply, too large a number, too slow, bad math."""
+  if not isinstance(expression, str):
+    raise ToolError(f"the expression must be a string, got {type(expression).__name__}")
+  if len(expression) > _MAX_EXPRESSION_CHARS:
+    raise ToolError(f"expression too long (at most {_MAX_EXPRESSION_CHARS} characters)")
   try:
     tree = ast.parse(expression.strip(), mode="eval")
   except SyntaxError as err:
     raise ToolError(f"cannot parse expression: {err.msg}") from None
+  except (RecursionError, MemoryError, ValueError):  # the parser's own limits
+    raise ToolError("cannot parse expression: nested too deeply") from None
+  if _depth(tree) > _MAX_DEPTH:
+    raise ToolError(f"expression nested too deeply (at most {_MAX_DEPTH} levels)")
   try:
-    return repr(_evaluate(tree))
-  except (ZeroDivisionError, ValueError, OverflowError, TypeError) as err:
+    return _show(_evaluate(tree, time.monotonic() + _TIME_LIMIT_S))
+  except ToolError:
+    raise
+  except Exception as err:  # ZeroDivisionError, math domain and overflow errors, wrong argument types, ...
     raise ToolError(f"{type(err).__name__}: {err}") from None
 
 
 CALCULATOR = Tool(
   name="calculator",
-  description="Evaluate an arithmetic expression exactly (integers are unbounded). Supports + - * / // % **, "
-  "parentheses, pi, e, and abs round min max sqrt exp log log2 log10 sin cos tan floor ceil factorial gcd.",
+  description="Evaluate an arithmetic expression: integers are exact up to 100000 bits, other numbers are "
+  "64-bit floats. Supports + - * / // % **, parentheses, pi, e, tau, and abs round min max sqrt exp log log2 log10 "
+  "sin cos tan floor ceil factorial gcd. At most 2000 characters and 100 levels of nesting.",
   parameters={
     "type": "object",
     "properties": {"expression": {"type": "string", "description": "for example (12 + 30) * 7 / 3"}},
@@ -187,149 +233,28 @@ CALCULATOR = Tool(
 
 
 # ---------------------------------------------------------------------------------------------
-# Python sandbox
-
-# Runs first in the child. Audit hooks cannot be removed once added, so code cannot undo them
-# through `socket`, `_socket`, `os` or `subprocess`.
-_SANDBOX_PREAMBLE = r'''
-import sys, traceback
-
-def _sandbox_hook(event, args):
-    # Literal sets compile to constants of this code object, and no builtins are looked up:
-    # user code can neither edit the lists nor shadow a name the hook relies on.
-    if event in {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-                 "socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr"}:
-        raise PermissionError("network access is disabled")
-    # Only local socket pairs (AF_UNIX = 1) may be made, e.g. an asyncio event loop's wake-up pipe.
-    if event == "socket.__new__" and args[1] != 1:
-        raise PermissionError("network access is disabled")
-    if event in {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty"}:
-        raise PermissionError("starting processes is disabled")
-    if event in {"os.kill", "os.killpg"}:
-        raise PermissionError("sending signals is disabled")
-    # ctypes must stay (numpy imports it); refuse the C functions that would go around the checks above.
-    if event in {"ctypes.dlsym", "ctypes.dlsym/handle"} and args[1] in {
-        "socket", "connect", "bind", "sendto", "sendmsg", "getaddrinfo", "gethostbyname", "fork", "vfork",
-        "clone", "clone3", "execve", "execv", "execvp", "execl", "execlp", "system", "popen", "posix_spawn",
-        "posix_spawnp", "kill", "killpg", "syscall",
-    }:
-        raise PermissionError(f"the C function {args[1]} is disabled")
-    if event == "object.__setattr__" and args[1] == "__code__" and args[0].__code__.co_name == "_sandbox_hook":
-        raise PermissionError("the sandbox cannot be changed")
-
-sys.addaudithook(_sandbox_hook)
-del _sandbox_hook
-
-with open("main.py", encoding="utf-8") as _source:
-    _code = compile(_source.read(), "main.py", "exec")
-try:
-    exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
-except SystemExit:
-    raise
-except BaseException as _error:
-    # Show the traceback from the user's code only, not from this runner.
-    traceback.print_exception(type(_error), _error, _error.__traceback__.tb_next)
-    sys.exit(1)
-'''
+# Python, in the OS sandbox of `k2jax.infer.sandbox`
 
 
-@dataclass(frozen=True)
-class SandboxResult:
-  stdout: str
-  stderr: str
-  returncode: int | None
-  timed_out: bool
-  seconds: float
+def python_tool(timeout_s: float = 10.0, memory_mb: int = 1024, max_output_chars: int = 8000,
+                isolation: str = "bwrap") -> Tool:
+  """The python tool. isolation="bwrap" refuses to run where the sandbox cannot be set up (the error
+  says why); "unsafe" runs model-written code in a plain child process, with no isolation at all."""
+  if isolation not in sandbox.ISOLATIONS:
+    raise ValueError(f"isolation must be one of {sandbox.ISOLATIONS}, got {isolation!r}")
 
-  def as_text(self) -> str:
-    """The tool message the model sees."""
-    parts = []
-    if self.timed_out:
-      parts.append(f"[timed out after {self.seconds:.1f} s]")
-    elif self.returncode not in (0, None):
-      parts.append(f"[exit code {self.returncode}]")
-    if self.stdout:
-      parts.append(self.stdout)
-    if self.stderr:
-      parts.append(f"[stderr]\n{self.stderr}")
-    return "\n".join(parts) if parts else "[no output]"
-
-
-def _truncate(data: bytes, limit: int) -> str:
-  text = data.decode("utf-8", errors="replace")
-  if len(text) <= limit:
-    return text
-  return text[:limit] + f"\n[... {len(text) - limit} more characters truncated]"
-
-
-def _limit_resources(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> Callable[[], None]:
-  def apply() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-  return apply
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-  try:
-    os.killpg(process.pid, signal.SIGKILL)
-  except ProcessLookupError:  # already gone, with everything it started
-    pass
-  process.wait()
-
-
-def run_python(
-  code: str,
-  timeout_s: float = 10.0,
-  memory_mb: int = 1024,
-  max_output_chars: int = 8000,
-  max_file_mb: int = 16,
-) -> SandboxResult:
-  """Run code in a sandboxed child interpreter and collect its (truncated) output."""
-  with tempfile.TemporaryDirectory(prefix="sandbox-") as workdir:
-    work = Path(workdir)
-    (work / "main.py").write_text(code, encoding="utf-8")
-    (work / "_runner.py").write_text(_SANDBOX_PREAMBLE, encoding="utf-8")
-    env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    # Output goes to files, not pipes: RLIMIT_FSIZE then bounds what a runaway print can cost.
-    with open(work / "_stdout", "wb") as stdout, open(work / "_stderr", "wb") as stderr:
-      start = time.monotonic()
-      process = subprocess.Popen(
-        [sys.executable, "-I", "-X", "utf8", "_runner.py"],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        start_new_session=True,  # own process group, so a timeout kills everything it started
-        preexec_fn=_limit_resources(memory_mb << 20, int(timeout_s) + 1, max_file_mb << 20),
-      )
-      timed_out = False
-      try:
-        returncode: int | None = process.wait(timeout=timeout_s)
-      except subprocess.TimeoutExpired:
-        timed_out = True
-        returncode = None
-      seconds = time.monotonic() - start
-      _kill_group(process)
-    return SandboxResult(
-      stdout=_truncate((work / "_stdout").read_bytes(), max_output_chars),
-      stderr=_truncate((work / "_stderr").read_bytes(), max_output_chars),
-      returncode=returncode,
-      timed_out=timed_out,
-      seconds=seconds,
-    )
-
-
-def python_tool(timeout_s: float = 10.0, memory_mb: int = 1024, max_output_chars: int = 8000) -> Tool:
   def run(code: str) -> str:
-    return run_python(code, timeout_s=timeout_s, memory_mb=memory_mb, max_output_chars=max_output_chars).as_text()
+    try:
+      result = sandbox.run_python(code, timeout_s=timeout_s, memory_mb=memory_mb, max_output_chars=max_output_chars,
+                                  isolation=isolation)
+    except (sandbox.SandboxUnavailable, ValueError) as err:
+      raise ToolError(str(err)) from None
+    return result.as_text()
 
+  limits = "no isolation" if isolation == "unsafe" else "no network, no subprocesses, only /tmp writable"
   return Tool(
     name="python",
-    description=f"Run a Python 3 program and return what it prints. No network; {timeout_s:g} s time limit; "
+    description=f"Run a Python 3 program and return what it prints. {limits}; {timeout_s:g} s time limit; "
     "each call starts fresh, so print what you need.",
     parameters={
       "type": "object",

@@ -32,6 +32,9 @@ DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = f"{IM_ASSISTANT}assistant{IM_MIDDLE}"
 
 _ROLE_TOKENS = {"user": IM_USER, "assistant": IM_ASSISTANT}
+MAX_TOOL_CALLS = 64  # per message; more are reported, not returned
+MAX_ARGUMENT_CHARS = 1 << 20
+MAX_NAME_CHARS = 256
 _TOOL_CALL_ID_RE = re.compile(r"functions\.(?P<name>[^\s:]+):(?P<index>\d+)")
 
 Message = Mapping[str, Any]
@@ -203,22 +206,33 @@ class ParsedMessage:
 def _parse_arguments(raw: str, call_id: str) -> tuple[dict[str, Any] | None, str | None]:
   if not raw.strip():
     return {}, None
+  if len(raw) > MAX_ARGUMENT_CHARS:
+    return None, f"arguments of {call_id} are too long ({len(raw)} characters, at most {MAX_ARGUMENT_CHARS})"
   try:
     value = json.loads(raw)
   except json.JSONDecodeError as err:
     return None, f"arguments of {call_id} are not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+  except RecursionError:
+    return None, f"arguments of {call_id} are nested too deeply"
+  except ValueError as err:  # e.g. an integer of more digits than Python converts
+    return None, f"arguments of {call_id} cannot be read: {str(err)[:120]}"
   if not isinstance(value, dict):
     return None, f"arguments of {call_id} must be a JSON object, got {type(value).__name__}"
   return value, None
 
 
+def _short(text: str, limit: int = 80) -> str:
+  """repr of text cut to limit characters, for error messages."""
+  return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def _name_from_id(call_id: str) -> tuple[str, str | None]:
   match = _TOOL_CALL_ID_RE.fullmatch(call_id)
-  if match:
+  if match and len(match["name"]) <= MAX_NAME_CHARS:
     return match["name"], None
   # Best effort, so the error can name the tool the model probably meant.
-  guess = call_id.rsplit(":", 1)[0].removeprefix("functions.")
-  return guess, f"tool call id {call_id!r} is not of the form functions.NAME:INDEX"
+  guess = call_id.rsplit(":", 1)[0].removeprefix("functions.")[:MAX_NAME_CHARS]
+  return guess, f"tool call id {_short(call_id)} is not of the form functions.NAME:INDEX"
 
 
 def _parse_call(region: str, index: int, terminated: bool) -> tuple[ToolCall, list[ParseError]]:
@@ -234,11 +248,12 @@ def _parse_call(region: str, index: int, terminated: bool) -> tuple[ToolCall, li
     errors.append(ParseError("bad_call_id", id_error, index))
   if not name:
     errors.append(ParseError("missing_tool_name", f"tool call {index} names no tool", index))
-  arguments, argument_error = _parse_arguments(raw_arguments, call_id or f"tool call {index}")
+  label = (call_id if len(call_id) <= 80 else call_id[:80] + "...") or f"tool call {index}"
+  arguments, argument_error = _parse_arguments(raw_arguments, label)
   if argument_error:
     errors.append(ParseError("bad_arguments", argument_error, index))
   if not terminated:
-    errors.append(ParseError("missing_call_end", f"tool call {call_id or index} is not closed by {CALL_END}", index))
+    errors.append(ParseError("missing_call_end", f"tool call {label if call_id else index} is not closed by {CALL_END}", index))
   # Any problem blocks execution: running a guessed call could do what the model did not mean.
   call = ToolCall(
     id=call_id,
@@ -250,27 +265,38 @@ def _parse_call(region: str, index: int, terminated: bool) -> tuple[ToolCall, li
   return call, errors
 
 
+def _positions(text: str, marker: str) -> list[int]:
+  return [match.start() for match in re.finditer(re.escape(marker), text)]
+
+
 def _parse_section(section: str) -> tuple[list[ToolCall], list[ParseError]]:
-  """Tool calls of a section body (between the section markers)."""
+  """Tool calls of a section body (between the section markers), in one pass over the markers."""
   calls: list[ToolCall] = []
   errors: list[ParseError] = []
-  position = 0
-  while True:
-    begin = section.find(CALL_BEGIN, position)
-    stray = section[position : begin if begin >= 0 else len(section)]
+  begins, ends = _positions(section, CALL_BEGIN), _positions(section, CALL_END)
+  position, next_end = 0, 0  # next_end: index into ends of the first end not before position
+  for number, begin in enumerate(begins):  # the markers cannot overlap, so begins[number + 1] >= start
+    stray = section[position:begin]
     if stray.strip():
-      errors.append(ParseError("stray_text", f"text outside any tool call was ignored: {stray.strip()[:80]!r}"))
-    if begin < 0:
+      errors.append(ParseError("stray_text", f"text outside any tool call was ignored: {_short(stray.strip())}"))
+    if len(calls) == MAX_TOOL_CALLS:
+      errors.append(ParseError("too_many_tool_calls", f"more than {MAX_TOOL_CALLS} tool calls; the rest were ignored"))
       return calls, errors
     start = begin + len(CALL_BEGIN)
-    end = section.find(CALL_END, start)
-    next_begin = section.find(CALL_BEGIN, start)
+    while next_end < len(ends) and ends[next_end] < start:
+      next_end += 1
+    next_begin = begins[number + 1] if number + 1 < len(begins) else -1
+    end = ends[next_end] if next_end < len(ends) else -1
     terminated = end >= 0 and (next_begin < 0 or end < next_begin)
     stop = end if terminated else (next_begin if next_begin >= 0 else len(section))
     call, call_errors = _parse_call(section[start:stop], len(calls), terminated)
     calls.append(call)
     errors.extend(call_errors)
     position = stop + len(CALL_END) if terminated else stop
+  stray = section[position:]
+  if stray.strip():
+    errors.append(ParseError("stray_text", f"text outside any tool call was ignored: {_short(stray.strip())}"))
+  return calls, errors
 
 
 def _split_reasoning(head: str, tools_follow: bool) -> tuple[str, str, list[ParseError]]:
@@ -290,7 +316,12 @@ def _split_reasoning(head: str, tools_follow: bool) -> tuple[str, str, list[Pars
 
 
 def parse(generated_text: str) -> ParsedMessage:
-  """Split model output into reasoning, content and tool calls. Never raises."""
+  """Split model output into reasoning, content and tool calls.
+
+  Never raises on a string, and runs in time linear in its length: every problem becomes a ParseError.
+  A non-string is a TypeError."""
+  if not isinstance(generated_text, str):
+    raise TypeError(f"parse expects the generated text as a str, got {type(generated_text).__name__}")
   text = generated_text
   errors: list[ParseError] = []
   if text.startswith(GENERATION_PROMPT):
@@ -298,7 +329,7 @@ def parse(generated_text: str) -> ParsedMessage:
   if IM_END in text:
     text, trailing = text.split(IM_END, 1)
     if trailing.strip():
-      errors.append(ParseError("text_after_end", f"text after {IM_END} was ignored: {trailing.strip()[:80]!r}"))
+      errors.append(ParseError("text_after_end", f"text after {IM_END} was ignored: {_short(trailing.strip())}"))
   markers = [at for at in (text.find(SECTION_BEGIN), text.find(CALL_BEGIN)) if at >= 0]
   tools_at = min(markers) if markers else len(text)
   head, tail = text[:tools_at], text[tools_at:]
@@ -313,7 +344,7 @@ def parse(generated_text: str) -> ParsedMessage:
     if SECTION_END in tail:
       tail, after = tail.split(SECTION_END, 1)
       if after.strip():
-        errors.append(ParseError("text_after_tool_calls", f"text after {SECTION_END} was ignored: {after.strip()[:80]!r}"))
+        errors.append(ParseError("text_after_tool_calls", f"text after {SECTION_END} was ignored: {_short(after.strip())}"))
     else:
       errors.append(ParseError("missing_section_end", f"the tool-call section was not closed with {SECTION_END}"))
     calls, section_errors = _parse_section(tail)
