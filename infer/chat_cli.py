@@ -63,6 +63,7 @@ def main(argv):
   from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
 
   mesh = sharding.mesh_from_flags()
+  moe_impl = sharding.moe_impl_from_flags(mesh)
   try:
     params, config = cli_common.load_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
   except (ValueError, FileNotFoundError) as e:
@@ -86,7 +87,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   params = sharding.place_params(params, config, mesh)
-  engine = Engine(params, config, max_len=FLAGS.context + FLAGS.max_new_tokens)
+  engine = Engine(params, config, max_len=FLAGS.context + FLAGS.max_new_tokens, moe_impl=moe_impl)
   sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
   # Heavy mode decodes many rows at once: no streaming, the attempts are shown when they are done.
   policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, sampling, FLAGS.think_budget,

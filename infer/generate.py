@@ -68,6 +68,7 @@ def main(argv):
   from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
 
   mesh = sharding.mesh_from_flags()
+  moe_impl = sharding.moe_impl_from_flags(mesh)
   try:
     params, config = cli_common.load_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
     sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
@@ -99,7 +100,7 @@ def main(argv):
   max_len = FLAGS.max_len or longest + FLAGS.max_new_tokens + 16
   start = time.perf_counter()
   with sharding.use_mesh(mesh):
-    engine = Engine(sharding.place_params(params, config, mesh), config, max_len=max_len)
+    engine = Engine(sharding.place_params(params, config, mesh), config, max_len=max_len, moe_impl=moe_impl)
     try:
       if FLAGS.heavy:
         outputs, n_generated = _heavy(engine, tok, sampling), None

@@ -165,23 +165,37 @@ def _layer_activations(c: K2Config, B: int, S: int, moe: bool) -> list[tuple[str
   return out + [("shared_out", (B, S, D), ("batch", "seq", "embed"), bf, True)]
 
 
-def activation_bytes(c: K2Config, mesh, rules, batch: int, context: int, remat: str) -> tuple[int, int]:
+def _expert_row_rules(rules, moe_impl: str):
+  """Rules for the (token, expert) rows of the routed experts. Expert-parallel dispatch is dropless with
+  buffers sized for the worst case, all rows of the `expert` group on one shard: `batch` loses `expert`.
+  Without it ("ragged") the rows are split like the tokens."""
+  if moe_impl not in ("ep", "ep_a2a"):
+    return rules
+  batch = rules.get("batch")
+  names = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  return {**rules, "batch": tuple(n for n in names if n != "expert")}
+
+
+def activation_bytes(c: K2Config, mesh, rules, batch: int, context: int, remat: str,
+                     moe_impl: str = "ragged") -> tuple[int, int]:
   """Estimated training activations (unsharded, per device), plain (non-flash) attention.
 
   Kept across the scan: each layer's input (the residual), plus under "dots" the outputs of the
   weight matmuls, under "none" every intermediate listed in `_layer_activations`. On top: one layer's
   intermediates and their cotangents while its backward runs, and the fp32 logits with their cotangent.
-  Expert rows are counted sharded like tokens (what an all-to-all dispatch holds).
+  Expert rows are split as `moe_impl` holds them (see `_expert_row_rules`).
   """
   from k2jax.model import REMAT_POLICIES  # noqa: PLC0415
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
   B, S = batch, context
+  row_rules = _expert_row_rules(rules, moe_impl)
 
   def size(entries):
     tree = [jax.ShapeDtypeStruct(shape, dt) for _, shape, _, dt, _ in entries]
     axes = [ax for _, _, ax, _, _ in entries]
-    return np.array(tree_bytes(tree, _by_axes(tree, axes, mesh, rules)))
+    return sum((np.array(tree_bytes([t], _by_axes([t], [ax], mesh, row_rules if e[0].startswith("expert_") else rules)))
+                for t, ax, e in zip(tree, axes, entries)), np.zeros(2, np.int64))
 
   residual = size([("h", (B, S, c.hidden_size), ("batch", "seq", "embed"), jnp.bfloat16, True)])
   kept = working = np.zeros(2, np.int64)
@@ -204,21 +218,35 @@ def _capacity(device_memory_gib: float) -> int:
   return int(device_memory_gib * GIB)
 
 
+def gathered_experts_item(c: K2Config, mesh, tree, moe_impl: str) -> list[Item]:
+  """Without expert parallelism on an `expert` mesh, each device gathers a whole layer's routed experts
+  while it runs (GSPMD all-gathers the split weights): one layer's worth, unsharded, per device."""
+  if moe_impl in ("ep", "ep_a2a") or dict(mesh.shape).get("expert", 1) <= 1 or "moe_layers" not in tree:
+    return []
+  experts = tree["moe_layers"]["moe"]["experts"]
+  one_layer = sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(experts)) // c.num_moe_layers
+  return [Item(f"routed experts of one layer, gathered (moe_impl={moe_impl})", one_layer, one_layer)]
+
+
 def serving_plan(c: K2Config, mesh, batch: int, context: int, device_memory_gib: float,
-                 rules: Mapping[str, object] | None = None, int4: bool | None = None) -> Budget:
+                 rules: Mapping[str, object] | None = None, int4: bool | None = None,
+                 moe_impl: str | None = None) -> Budget:
   rules = sharding.DEFAULT_RULES if rules is None else rules
+  moe_impl = sharding.choose_moe_impl(mesh, moe_impl)
   tree = serving_params(c, int4)
   quant = any(hasattr(x, "packed") for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "packed")))
   label = "parameters (INT4 routed experts, bf16 rest)" if quant else "parameters (bf16)"
   items = [_item(label, tree, sharding.param_shardings(c, mesh, rules, params=tree)),
-           cache_item(c, mesh, rules, batch, context)]
+           cache_item(c, mesh, rules, batch, context)] + gathered_experts_item(c, mesh, tree, moe_impl)
   return Budget(f"serving: {batch} sequences x {context} tokens", items, _capacity(device_memory_gib),
                 uneven_note(c, mesh, rules, tree) + ["decoding activations not counted"])
 
 
 def training_plan(c: K2Config, mesh, batch: int, context: int, device_memory_gib: float,
-                  rules: Mapping[str, object] | None = None, remat: str = "full") -> Budget:
+                  rules: Mapping[str, object] | None = None, remat: str = "full",
+                  moe_impl: str | None = None) -> Budget:
   rules = sharding.DEFAULT_RULES if rules is None else rules
+  moe_impl = sharding.choose_moe_impl(mesh, moe_impl)
   tree = params_lib.abstract_params(c, jnp.bfloat16)
   shardings = sharding.param_shardings(c, mesh, rules)
   master = _fp32_copies(tree, None, only_bf16=True)
@@ -227,10 +255,13 @@ def training_plan(c: K2Config, mesh, batch: int, context: int, device_memory_gib
            _item("fp32 master copy", master, _repeat_shardings(master, shardings)),
            _item("optimizer state (fp32 Muon momentum / AdamW m, v)", state, _repeat_shardings(state, shardings)),
            _item("gradients (bf16)", tree, shardings),
-           Item(f"activations (estimate, remat={remat})", *activation_bytes(c, mesh, rules, batch, context, remat))]
+           Item(f"activations (estimate, remat={remat})",
+                *activation_bytes(c, mesh, rules, batch, context, remat, moe_impl))]
+  items += gathered_experts_item(c, mesh, tree, moe_impl)
+  rows = ("expert rows sized for the whole expert group (dropless expert-parallel buffers)"
+          if moe_impl in ("ep", "ep_a2a") else "expert rows sharded like tokens")
   return Budget(f"training: {batch} sequences x {context} tokens per step", items, _capacity(device_memory_gib),
-                uneven_note(c, mesh, rules, tree) +
-                ["activations: plain attention scores, expert rows sharded like tokens"])
+                uneven_note(c, mesh, rules, tree) + [f"activations: plain attention scores, {rows}"])
 
 
 def format_budget(b: Budget) -> str:
@@ -246,10 +277,11 @@ def format_budget(b: Budget) -> str:
   return "\n".join(lines)
 
 
-def format_plan(c: K2Config, mesh, budgets: list[Budget]) -> str:
+def format_plan(c: K2Config, mesh, budgets: list[Budget], moe_impl: str | None = None) -> str:
   n = params_lib.count(params_lib.abstract_params(c, jnp.bfloat16))
   head = [f"{c.name}: {n:,} parameters",
-          f"mesh {sharding.format_mesh(mesh)} = {math.prod(dict(mesh.shape).values())} devices"]
+          f"mesh {sharding.format_mesh(mesh)} = {math.prod(dict(mesh.shape).values())} devices",
+          sharding.describe_moe_impl(sharding.choose_moe_impl(mesh, moe_impl), mesh)]
   return "\n\n".join(["\n".join(head)] + [format_budget(b) for b in budgets])
 
 
@@ -275,10 +307,11 @@ def run(argv=None):
     mesh = sharding.abstract_mesh(F.mesh, F.devices)
     budgets = []
     if F.mode in ("serve", "both"):
-      budgets.append(serving_plan(c, mesh, F.batch, F.context, F.device_memory_gib))
+      budgets.append(serving_plan(c, mesh, F.batch, F.context, F.device_memory_gib, moe_impl=F.moe_impl))
     if F.mode in ("train", "both"):
-      budgets.append(training_plan(c, mesh, F.batch, F.context, F.device_memory_gib, remat=F.remat))
-    print(format_plan(c, mesh, budgets))
+      budgets.append(training_plan(c, mesh, F.batch, F.context, F.device_memory_gib, remat=F.remat,
+                                   moe_impl=F.moe_impl))
+    print(format_plan(c, mesh, budgets, F.moe_impl))
 
   cli.run(main, [__name__, "k2jax.sharding"], argv)
 

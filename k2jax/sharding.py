@@ -256,15 +256,62 @@ def place_params(tree, config, mesh, rules: Mapping[str, object] | None = None):
 # --- flags and multi-host start-up ----------------------------------------------------------------
 
 def define_mesh_flag(default: str | None = None) -> None:
-  """Defines `--mesh` and `--distributed` once (safe to call from several entry points)."""
+  """Defines `--mesh`, `--moe_impl` and `--distributed` once (safe to call from several entry points)."""
   from absl import flags  # noqa: PLC0415
   if "mesh" not in flags.FLAGS:
     flags.DEFINE_string("mesh", default, "Device mesh, e.g. 'data:2,fsdp:-1,expert:4,tensor:1' (axes "
                         f"{', '.join(MESH_AXES)}; -1 takes the rest). Default: every device on fsdp.")
+  if "moe_impl" not in flags.FLAGS:
+    flags.DEFINE_enum("moe_impl", "auto", list(MOE_IMPLS),
+                      "Routed-expert implementation. 'auto': expert-parallel when the mesh has expert > 1 "
+                      "('ep_a2a' on TPU/GPU, 'ep' elsewhere), else 'ragged'.")
   if "distributed" not in flags.FLAGS:
     flags.DEFINE_enum("distributed", "env", ["env", "auto", "off"],
                       "Multi-host start-up: 'env' when JAX_NUM_PROCESSES > 1 (with JAX_COORDINATOR_ADDRESS "
                       "and JAX_PROCESS_ID), 'auto' lets JAX detect the cluster (TPU pods, SLURM, ...).")
+
+
+# --- which MoE implementation a mesh gets -----------------------------------------------------------
+
+# "ragged": every device runs every expert (single device, or experts gathered by GSPMD); "ep": experts
+# split over `expert`, tokens brought by all-gather; "ep_a2a": the same with ragged all-to-all; "dense":
+# the O(T*E) reference. "auto" picks from the mesh (see `choose_moe_impl`).
+MOE_IMPLS = ("auto", "ragged", "ep", "ep_a2a", "dense")
+# Backends whose XLA implements `ragged_all_to_all` (elsewhere "ep_a2a" runs an emulation of it).
+RAGGED_ALL_TO_ALL_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
+
+
+def mesh_platform(mesh) -> str | None:
+  """The platform of a concrete mesh's devices; None for an abstract mesh."""
+  if isinstance(mesh, AbstractMesh):
+    return None
+  return mesh.devices.flat[0].platform
+
+
+def choose_moe_impl(mesh, override: str | None = "auto", platform: str | None = None) -> str:
+  """The MoE implementation for `mesh`: `override` unless "auto"/None; else expert parallelism when the
+  mesh has `expert` > 1 ("ep_a2a" where the backend has ragged all-to-all, "ep" elsewhere), else "ragged".
+
+  `platform` defaults to the mesh's devices'; an abstract mesh (planning) is taken to be an accelerator.
+  """
+  if override not in (None, *MOE_IMPLS):
+    raise ValueError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}, got {override!r}")
+  if override not in (None, "auto"):
+    return override
+  if mesh is None or dict(mesh.shape).get("expert", 1) <= 1:
+    return "ragged"
+  platform = platform or mesh_platform(mesh) or "tpu"
+  return "ep_a2a" if platform in RAGGED_ALL_TO_ALL_PLATFORMS else "ep"
+
+
+def describe_moe_impl(impl: str, mesh) -> str:
+  """One line saying how the routed experts run, for the entry points to print."""
+  n = dict(mesh.shape).get("expert", 1) if mesh is not None else 1
+  how = {"ragged": "experts not split: each device runs all of them",
+         "ep": f"expert-parallel over expert:{n}, all-gather dispatch",
+         "ep_a2a": f"expert-parallel over expert:{n}, ragged all-to-all dispatch",
+         "dense": "dense reference (every expert on every token)"}[impl]
+  return f"moe_impl: {impl} ({how})"
 
 
 def mesh_from_flags() -> Mesh:
@@ -273,6 +320,19 @@ def mesh_from_flags() -> Mesh:
   define_mesh_flag()
   maybe_initialize_distributed(flags.FLAGS.distributed)
   return make_mesh(flags.FLAGS.mesh)
+
+
+def moe_impl_from_flags(mesh, default: str | None = None) -> str:
+  """`choose_moe_impl` for `--moe_impl` (an explicit flag wins over `default`, e.g. a run config's
+  `moe_impl`); prints the choice to stderr so it shows beside the run's output."""
+  import sys  # noqa: PLC0415
+  from absl import flags  # noqa: PLC0415
+  define_mesh_flag()
+  flag = flags.FLAGS["moe_impl"]
+  override = flag.value if flag.present or default is None else default
+  impl = choose_moe_impl(mesh, override)
+  print(describe_moe_impl(impl, mesh), file=sys.stderr)
+  return impl
 
 
 _ENV_ADDRESS, _ENV_COUNT, _ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"

@@ -14,6 +14,7 @@ def main(argv=None) -> None:
 
   FLAGS = flags.FLAGS
   mesh = sharding.mesh_from_flags()
+  moe_impl = sharding.moe_impl_from_flags(mesh)
   big = presets.get(FLAGS.preset)
   t0 = time.perf_counter()
   abstract = params.abstract_params(big, jnp.bfloat16)
@@ -24,7 +25,7 @@ def main(argv=None) -> None:
   p = sharding.init_params_sharded(tiny, jax.random.key(FLAGS.seed), jnp.float32, mesh)
   tokens = jax.random.randint(jax.random.key(FLAGS.seed + 1), (FLAGS.batch, FLAGS.seq_len), 0, tiny.vocab_size)
   with sharding.use_mesh(mesh):
-    out = jax.jit(lambda p, t: model_lib.forward(p, tiny, t))(p, tokens)
+    out = jax.jit(lambda p, t: model_lib.forward(p, tiny, t, moe_impl=moe_impl))(p, tokens)
   logp = jax.nn.log_softmax(out.logits[:, :-1])
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
   load = np.asarray(out.expert_load)

@@ -35,10 +35,24 @@ def test_training_on_16_devices_does_not_fit_and_on_256_does():
   adamw = 2 * 163840 * 7168 + 7168 * (1 + 2 * 61) + 61 * (1536 + 512)
   assert items["optimizer state"].total_bytes == 4 * (N_PARAMS - N_ROUTER_BIAS) + 4 * adamw
   assert not small.fits and small.device_bytes > 7 * 95 * plan.GIB  # 12 bytes per parameter in all
-  big = plan.training_plan(K2, sharding.abstract_mesh("fsdp:2,expert:128"), 256, 4096, 95)
+  mesh = sharding.abstract_mesh("fsdp:16,expert:16")
+  big = plan.training_plan(K2, mesh, 256, 4096, 95)  # expert-parallel, chosen from the mesh
   params = _items(big)["parameters"]
   assert params.device_bytes <= params.total_bytes / 256 * 1.001  # every large weight split 256 ways
   assert big.fits
+  # Without expert parallelism each device gathers a whole layer's experts (3 x 384 x 7168 x 2048 bf16).
+  ragged = plan.training_plan(K2, mesh, 256, 4096, 95, moe_impl="ragged")
+  assert _items(ragged)["routed experts of one layer, gathered"].device_bytes == 3 * 384 * 7168 * 2048 * 2
+  assert not ragged.fits
+
+
+def test_expert_parallel_buffers_hold_the_whole_expert_group():
+  # Dropless dispatch sizes each shard's rows for every token of its `expert` group: on expert:128
+  # that is 128x the rows of a token shard, and the plan says so.
+  mesh = sharding.abstract_mesh("fsdp:2,expert:128")
+  act = {impl: plan.activation_bytes(K2, mesh, sharding.DEFAULT_RULES, 256, 4096, "full", impl)[1]
+         for impl in ("ragged", "ep")}
+  assert act["ep"] > 4 * act["ragged"]
 
 
 def test_uneven_split_is_reported():
@@ -53,6 +67,7 @@ def test_cli_prints_total_and_both_tables():
   assert f"{N_PARAMS:,} parameters" in out
   assert "serving: 16 sequences" in out and "training: 16 sequences" in out
   assert "fits," in out and "does NOT fit" in out
+  assert "moe_impl: ep_a2a (expert-parallel over expert:16" in out
 
 
 def test_cli_rejects_a_bad_mesh():

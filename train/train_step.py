@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from k2jax import model, moe, params as params_lib
+from k2jax import model, moe, params as params_lib, sharding
 from k2jax.config import K2Config
 from k2jax.train import qk_clip as qk_clip_lib
 from k2jax.train import schedules
@@ -64,7 +64,7 @@ def compute_params(params: dict, compute_dtype, qat: bool) -> dict:
 
 
 def loss_sums(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
-              remat: str = "none", aux_loss_alpha: float = 0.0):
+              remat: str = "none", aux_loss_alpha: float = 0.0, moe_impl: str = "ragged"):
   """(sum_t w_t nll_t, (sum_t w_t, max_attn_logits, expert_load)) for one (micro-)batch, fp32.
 
   With `aux_loss_alpha` > 0 the sequence-wise balance loss is added, weighted by the batch's token
@@ -72,7 +72,7 @@ def loss_sums(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float
   """
   p = compute_params(params, compute_dtype, qat)
   out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat,
-                      aux_loss_alpha=aux_loss_alpha)
+                      aux_loss_alpha=aux_loss_alpha, moe_impl=moe_impl)
   logp_btv = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
   nll_bt = -jnp.take_along_axis(logp_btv, batch["targets"][..., None], axis=-1)[..., 0]
   w_bt = batch["weights"].astype(jnp.float32)
@@ -115,12 +115,18 @@ def loss_and_grads(params: dict, c: K2Config, batch: dict, *, num_micro: int = 1
   return nll_sum / denom, grads, max_logits, load, w_sum
 
 
+def moe_impl_of(cfg: ml_collections.ConfigDict) -> str:
+  """The run's `moe_impl` ("auto" when unset), resolved for the mesh the step is traced under."""
+  ctx = sharding.current()
+  return sharding.choose_moe_impl(ctx[0] if ctx else None, cfg.get("moe_impl", "auto"))
+
+
 def train_step(state: TrainState, batch: dict, *, c: K2Config, cfg: ml_collections.ConfigDict,
                tx: optax.GradientTransformation, schedule: optax.Schedule) -> tuple[TrainState, dict]:
   """Loss and grads -> MuonClip update -> QK-Clip on the new weights -> router-bias sign update."""
   loss, grads, max_logits, load, n_tokens = loss_and_grads(
       state.params, c, batch, num_micro=cfg.micro_batches, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype),
-      qat=cfg.qat, remat=cfg.remat, aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0))
+      qat=cfg.qat, remat=cfg.remat, aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0), moe_impl=moe_impl_of(cfg))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
@@ -150,7 +156,8 @@ def make_eval_step(c: K2Config, cfg: ml_collections.ConfigDict):
   """Jitted (params, batch) -> (sum w nll, sum w)."""
 
   def f(params, batch):
-    nll_sum, (w_sum, _, _) = loss_sums(params, c, batch, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype), qat=cfg.qat)
+    nll_sum, (w_sum, _, _) = loss_sums(params, c, batch, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype),
+                                       qat=cfg.qat, moe_impl=moe_impl_of(cfg))
     return nll_sum, w_sum
 
   return jax.jit(f)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,15 @@ def _mesh_context():
   return None, contextlib.nullcontext()
 
 
+def _with_moe_impl(cfg: ml_collections.ConfigDict, mesh) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose `moe_impl` is the one this mesh runs ("auto" resolved), printed to stderr."""
+  from k2jax import sharding  # noqa: PLC0415
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.moe_impl = sharding.choose_moe_impl(mesh, cfg.get("moe_impl", "auto"))
+  print(sharding.describe_moe_impl(cfg.moe_impl, mesh), file=sys.stderr)
+  return cfg
+
+
 def _data(cfg: ml_collections.ConfigDict):
   d = cfg.data
   targets = d.get("chat_targets", "last")
@@ -102,7 +112,7 @@ def _init_params(cfg, c, mesh):
 # The fields the jitted steps depend on; runs that agree on them share compiled steps in one process
 # (a restart after stop_after_steps does not compile again).
 _STEP_FIELDS = ("model", "optimizer", "num_steps", "micro_batches", "remat", "qat", "compute_dtype",
-                "qk_clip_tau", "router_bias_u")
+                "qk_clip_tau", "router_bias_u", "moe_impl")
 _STEP_CACHE: dict[tuple, tuple] = {}
 
 
@@ -135,6 +145,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> lis
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   c = presets.from_config_dict(cfg.model)
+  cfg = _with_moe_impl(cfg, mesh)
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
   train_ds, eval_set = _data(cfg)
   tx, _ = ts.make_optimizer(cfg)
@@ -218,6 +229,9 @@ def main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = flags.FLAGS.config
+  if flags.FLAGS["moe_impl"].present:  # the flag overrides the run config's moe_impl
+    with cfg.unlocked():
+      cfg.moe_impl = flags.FLAGS.moe_impl
   mesh, ctx = _mesh_context()
   with ctx:
     rows = train(cfg, flags.FLAGS.workdir, mesh)
