@@ -25,7 +25,8 @@ def load_tokenizer(hf_dir: str | None, config, checkpoint: str | None = None):
   keeps the source's files). The project's tiny one only for a model with the tiny vocabulary (the tiny
   presets, k2-train runs of them). Anything else is an error: the wrong vocabulary decodes to garbage."""
   from k2jax import tokenizer, tokenizer_build  # noqa: PLC0415
-  folder = hf_dir or (os.path.join(checkpoint, "hf") if checkpoint else None)
+  from k2jax.convert import layout  # noqa: PLC0415  (a workdir, its checkpoints/ or one step folder)
+  folder = hf_dir or ((layout.hf_files_dir(checkpoint) or os.path.join(checkpoint, "hf")) if checkpoint else None)
   if folder and os.path.exists(os.path.join(folder, tokenizer.TIKTOKEN_FILE)):
     return tokenizer.Tokenizer.from_dir(folder)
   tiny = tokenizer_build.tiny_tokenizer()

@@ -192,11 +192,13 @@ def validate(ckpt: Checkpoint, c: K2Config) -> None:
                           "(the checkpoint does not match config.json)")
 
 
-def read_linear(ckpt: Checkpoint, base: str) -> np.ndarray:
-  """An HF linear weight [out, in] as float32, dequantising FP8 block-scaled or INT4 storage."""
+def read_linear(ckpt: Checkpoint, base: str, as_stored: bool = False) -> np.ndarray:
+  """An HF linear weight [out, in] as float32, dequantising FP8 block-scaled or INT4 storage; a dense
+  weight in its stored dtype with `as_stored` (no float32 round trip when the caller casts anyway)."""
   form = _linear_forms(ckpt, base)
   if form == "dense":
-    return np.asarray(ckpt.get(f"{base}.weight"), np.float32)
+    w = ckpt.get(f"{base}.weight")
+    return w if as_stored else np.asarray(w, np.float32)
   if form == "fp8":
     w = np.asarray(ckpt.get(f"{base}.weight"), np.float32)
     # Despite its name, `weight_scale_inv` multiplies: one scale per 128x128 block.
@@ -213,7 +215,8 @@ def _per_slice(leaf: Leaf, ckpt: Checkpoint, layer, expert, dtype) -> np.ndarray
   per = leaf.spec.shape[leaf.batch_dims:]
   if not leaf.map.linear:
     return np.asarray(ckpt.get(name)).astype(dtype).reshape(per)
-  return read_linear(ckpt, name).T.astype(dtype).reshape(per)
+  # Transposing while casting makes the one copy; a bf16 -> bf16 slice is not widened on the way.
+  return read_linear(ckpt, name, as_stored=True).T.astype(dtype).reshape(per)
 
 
 def _fill(batch: tuple[int, ...], per_shape: tuple[int, ...], dtype, get: Callable, index) -> np.ndarray:
@@ -249,21 +252,25 @@ def slice_reader(leaf: Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> Callab
   or with `keep_int4` a numpy `QuantizedWeight` (packed, scales), never dequantised."""
   if keep_int4:
     from k2jax import int4  # noqa: PLC0415
-    return lambda layer, expert: int4.read_hf(ckpt, leaf.hf_name(layer, expert))
+    # Views: `_fill` / `read_leaf_host` copy each slice into place, transposing on the way.
+    return lambda layer, expert: int4.read_hf(ckpt, leaf.hf_name(layer, expert), copy=False)
   dt = np.dtype(leaf.spec.dtype or dtype)
   return lambda layer, expert: _per_slice(leaf, ckpt, layer, expert, dt)
 
 
-def read_leaf_host(leaf: Leaf, get: Callable):
-  """A whole leaf in host memory (numpy, or a QuantizedWeight of numpy), each slice read once."""
+def read_leaf_host(leaf: Leaf, get: Callable, empty: Callable = np.empty):
+  """A whole leaf in host memory (numpy, or a QuantizedWeight of numpy), each slice read once into
+  buffers from `empty(shape, dtype)`."""
   from k2jax import int4  # noqa: PLC0415
   batch = tuple(leaf.spec.shape[:leaf.batch_dims])
+  if not batch:  # one slice: already a fresh array of its own
+    return get(None, None)
   outs = None
   for layer, e in leaf.slices():
     part = get(layer, e)
     parts = (part.packed, part.scales) if isinstance(part, int4.QuantizedWeight) else (part,)
     if outs is None:
-      outs = [np.empty(batch + p.shape, p.dtype) for p in parts]
+      outs = [empty(batch + p.shape, p.dtype) for p in parts]
     pos = tuple(i for i in (layer, e) if i is not None)
     for o, p in zip(outs, parts):
       o[pos] = p

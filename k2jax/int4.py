@@ -214,9 +214,10 @@ def _np(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def from_hf(weight_packed, weight_scale, weight_shape=None) -> QuantizedWeight:
+def from_hf(weight_packed, weight_scale, weight_shape=None, copy: bool = True) -> QuantizedWeight:
   """One checkpoint linear (`weight_packed` int32 [out, in/8], `weight_scale` [out, in/32]) -> numpy
-  QuantizedWeight for W[in, out]. Integer shuffles only; nothing is dequantised."""
+  QuantizedWeight for W[in, out]. Integer shuffles only; nothing is dequantised. `copy=False` returns
+  strided views (for a caller that copies them into place anyway)."""
   words_oi, scale_oi = _np(weight_packed), _np(weight_scale)
   if words_oi.dtype != np.int32:
     raise ValueError(f"weight_packed must be int32, got {words_oi.dtype}")
@@ -225,8 +226,10 @@ def from_hf(weight_packed, weight_scale, weight_shape=None) -> QuantizedWeight:
     raise ValueError(f"weight_shape {_np(weight_shape)} does not match packed {words_oi.shape}")
   if scale_oi.shape != (out, in_words // WORDS_PER_GROUP):
     raise ValueError(f"weight_scale shape {scale_oi.shape} does not match packed {words_oi.shape}")
-  packed = np.ascontiguousarray(_words_to_packed(words_oi.T))
-  return QuantizedWeight(packed, np.ascontiguousarray(scale_oi.T))
+  packed, scales = _words_to_packed(words_oi.T), scale_oi.T
+  if copy:
+    packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+  return QuantizedWeight(packed, scales)
 
 
 def to_hf(w: QuantizedWeight) -> dict[str, np.ndarray]:
@@ -273,13 +276,14 @@ def check_hf_tensors(ckpt, base: str, out_in: tuple[int, int], error=ValueError)
   return names
 
 
-def read_hf(ckpt, base: str) -> QuantizedWeight:
-  """One INT4 linear from a checkpoint (`in`, `.get(name)`) as a numpy QuantizedWeight W[in, out]."""
+def read_hf(ckpt, base: str, copy: bool = True) -> QuantizedWeight:
+  """One INT4 linear from a checkpoint (`in`, `.get(name)`) as a numpy QuantizedWeight W[in, out]
+  (strided views of the read buffers with `copy=False`)."""
   shape_name = f"{base}.weight_shape"
   tensors = (ckpt.get(f"{base}.weight_packed"), ckpt.get(f"{base}.weight_scale"),
              ckpt.get(shape_name) if shape_name in ckpt else None)
   try:
-    return from_hf(*tensors)
+    return from_hf(*tensors, copy=copy)
   except ValueError as e:
     where = ckpt.file_of(f"{base}.weight_packed") if hasattr(ckpt, "file_of") else "checkpoint"
     raise ValueError(f"{where}: {base}: {e}") from None

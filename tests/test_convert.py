@@ -70,6 +70,13 @@ def test_round_trip_reproduces_every_tensor_and_config_field(k2t, converted, tmp
   for f in os.listdir(TOKENIZER):
     assert open(os.path.join(back, f), "rb").read() == open(os.path.join(TOKENIZER, f), "rb").read()
   assert os.path.exists(os.path.join(back, "model.safetensors.index.json"))
+  # The tokenizer travels beside the converted checkpoint, where --checkpoint finds it.
+  from k2jax.infer import cli_common
+  assert layout.hf_files_dir(os.path.join(converted, "checkpoints", "0")) == os.path.join(converted, "hf")
+  from k2jax.tokenizer import Tokenizer
+  step = os.path.join(converted, "checkpoints", "0")
+  assert cli_common.load_tokenizer(None, C, step).encode("Hello world") == Tokenizer.from_dir(TOKENIZER).encode(
+      "Hello world")
 
 
 def test_converted_checkpoint_keeps_int4_and_loads_like_the_hf_folder(k2t, converted):

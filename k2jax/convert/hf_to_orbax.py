@@ -64,14 +64,14 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   bar = layout.ByteBar(total, "converting", progress)
   written = 0
   try:
-    with layout.Staging(output_dir) as stage:
-      writer = layout.ParamsWriter(stage.tmp)
+    pool = layout.BufferPool()
+    with layout.Staging(output_dir) as stage, layout.ParamsWriter(stage.tmp, pool=pool) as writer:
       for leaf in all_leaves:
         bar.leaf(leaf.path)
         keep = leaf.path in int4_leaves
         get = _counting(hf.slice_reader(leaf, ckpt, dt, keep), leaf, ckpt, bar)
         if shardings is None:
-          value = hf.read_leaf_host(leaf, get)
+          value = hf.read_leaf_host(leaf, get, pool.empty)
         else:
           value = hf.load_leaf(leaf, ckpt, dt, shardings[leaf.path], keep, get=get)
         written += layout.nbytes(value)

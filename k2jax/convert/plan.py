@@ -26,7 +26,7 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _SPEED_PROBE_BYTES = 64 << 20
 
 
-def _hf_tensor_specs(c: K2Config, form: str) -> list[tuple[str, tuple[int, ...], str]]:
+def hf_tensor_specs(c: K2Config, form: str) -> list[tuple[str, tuple[int, ...], str]]:
   """(name, shape, safetensors dtype) of every tensor an HF checkpoint of `c` holds, from shapes alone.
   form: "int4" (K2 Thinking), "fp8" (K2-Instruct) or "bf16"."""
   out = []
@@ -123,7 +123,7 @@ def plan_convert(source: str, output_dir: str | None = None, dtype: str = "bfloa
     largest_file = max(os.path.getsize(sf.path) for sf in files.values())
     read_from = max(files.values(), key=lambda sf: os.path.getsize(sf.path)).path
   else:
-    specs_in = _hf_tensor_specs(c, form)
+    specs_in = hf_tensor_specs(c, form)
   in_bytes = _by_dtype(specs_in)
   specs_out = _converted_specs(c, dtype, form == "int4")
   out_bytes = _by_dtype(specs_out)
@@ -162,7 +162,7 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
     manager, _, meta, c = open_checkpoint(source)
     manager.close()
     stored = meta.get("expert_format", "dense")
-  specs_out = _hf_tensor_specs(c, "int4" if fmt == "k2_thinking" else "bf16")
+  specs_out = hf_tensor_specs(c, "int4" if fmt == "k2_thinking" else "bf16")
   out_bytes = _by_dtype(specs_out)
   total_out = sum(out_bytes.values())
   specs_in = _converted_specs(c, "bfloat16", stored == "int4")

@@ -1,0 +1,145 @@
+"""k2-convert on a multi-GB synthetic K2-Thinking-format checkpoint: throughput against `cp`, peak RSS.
+
+  python -m benchmarks.convert                     # ~2.5 GB: 10 layers (9 MoE) x 64 experts, D=2048, F=1024
+  python -m benchmarks.convert --experts=128 --layers=16 --repeats=3 --workdir=/big/disk
+
+Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
+--workdir, then alternates a plain `cp -r` of its folder and a `k2-convert` of it, each in its own process,
+`--repeats` times; prints medians, the ratio, and each conversion's peak RSS against the largest shard and
+the largest leaf. Everything it wrote is removed at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+_LAYERS = flags.DEFINE_integer("layers", 10, "Decoder layers (the first dense, the rest MoE).")
+_EXPERTS = flags.DEFINE_integer("experts", 64, "Routed experts per MoE layer.")
+_HIDDEN = flags.DEFINE_integer("hidden", 2048, "Model dim D.")
+_FFN = flags.DEFINE_integer("ffn", 1024, "Expert hidden dim F (moe_intermediate_size).")
+_VOCAB = flags.DEFINE_integer("vocab", 32768, "Vocabulary size.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "cp / convert pairs to run (medians are reported).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write (default: a temp folder under /tmp).")
+_EXPORT = flags.DEFINE_bool("export", True, "Also time k2-export of the converted checkpoint back to HF.")
+
+
+def synthetic_config(layers: int, experts: int, hidden: int, ffn: int, vocab: int):
+  from k2jax import presets  # noqa: PLC0415
+  heads = hidden // 128
+  return presets.K2_THINKING.replace(
+      name="bench", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, moe_intermediate_size=ffn,
+      num_hidden_layers=layers, num_attention_heads=heads, q_lora_rank=hidden // 4, kv_lora_rank=hidden // 8,
+      n_routed_experts=experts, num_experts_per_tok=min(8, experts), bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def write_checkpoint(c, folder: str) -> None:
+  """Random tensors of every expected name, shape and dtype; a shard per layer (plus one for the rest)."""
+  from k2jax.convert.plan import hf_tensor_specs  # noqa: PLC0415
+  from k2jax.safetensors_io import DTYPES, save_file  # noqa: PLC0415
+  os.makedirs(folder)
+  rng = np.random.default_rng(0)
+  shards: dict[str, list] = {}
+  for name, shape, dt in hf_tensor_specs(c, "int4"):
+    key = name.split(".")[2] if name.startswith("model.layers.") else "top"
+    shards.setdefault(key, []).append((name, shape, dt))
+  weight_map = {}
+  names = sorted(shards, key=lambda k: (k == "top", int(k) if k != "top" else 0))
+  for i, key in enumerate(names):
+    tensors = {}
+    for name, shape, dt in shards[key]:
+      if name.endswith("weight_shape"):
+        out_in = next(s for n, s, _ in shards[key] if n == name.replace("weight_shape", "weight_packed"))
+        tensors[name] = np.array([out_in[0], out_in[1] * 8], np.int64)
+      elif dt == "I32":
+        tensors[name] = rng.integers(-2**31, 2**31 - 1, shape, dtype=np.int32)
+      else:
+        tensors[name] = (rng.standard_normal(shape, np.float32) * 0.02).astype(DTYPES[dt])
+    fname = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+    save_file(tensors, os.path.join(folder, fname))
+    weight_map.update({n: fname for n in tensors})
+    del tensors
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(c.to_hf(), f, indent=2)
+
+
+def _child(code: str) -> tuple[float, int, float | None]:
+  """(seconds, peak RSS bytes, the work's own seconds if it printed them) of `python -c code`."""
+  t = time.perf_counter()
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+  out = proc.stdout.read()
+  _, status, usage = os.wait4(proc.pid, 0)
+  seconds = time.perf_counter() - t
+  if status != 0:
+    raise RuntimeError(f"child failed ({status}): {code}")
+  inner = json.loads(out.strip().splitlines()[-1])["seconds"] if out.strip() else None
+  return seconds, usage.ru_maxrss * 1024, inner
+
+
+def _folder_bytes(folder: str) -> int:
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+
+
+def main(argv):
+  del argv
+  c = synthetic_config(_LAYERS.value, _EXPERTS.value, _HIDDEN.value, _FFN.value, _VOCAB.value)
+  root = tempfile.mkdtemp(prefix="k2jax-convert-bench-", dir=_WORKDIR.value)
+  try:
+    src = os.path.join(root, "hf")
+    t = time.perf_counter()
+    write_checkpoint(c, src)
+    size = _folder_bytes(src)
+    shards = [os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors")]
+    from k2jax.convert.hf_to_orbax import leaf_bytes_estimate  # noqa: PLC0415
+    leaf = max(leaf_bytes_estimate(c, "bfloat16", True).items(), key=lambda kv: kv[1])
+    print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(shards)} shards (largest {max(shards) / 1e9:.3f} GB), "
+          f"largest leaf {leaf[0]} {leaf[1] / 1e9:.3f} GB; written in {time.perf_counter() - t:.0f} s", flush=True)
+    baseline = _child("import jax, k2jax.convert, orbax.checkpoint; jax.numpy.zeros(1).block_until_ready()")[1]
+    cp_s, conv_s, inner_s, rss, export_s = [], [], [], [], []
+    for i in range(_REPEATS.value):
+      dst = os.path.join(root, f"copy{i}")
+      cp_s.append(_child(f"import subprocess; subprocess.run(['cp', '-r', {src!r}, {dst!r}], check=True)")[0])
+      shutil.rmtree(dst)
+      out = os.path.join(root, f"conv{i}")
+      s, r, inner = _child(f"import json; from k2jax.convert import convert; "
+                           f"print(json.dumps(convert({src!r}, {out!r}, progress=False)))")
+      conv_s.append(s)
+      inner_s.append(inner)
+      rss.append(r)
+      print(f"  run {i}: cp {cp_s[-1]:.1f} s, convert {s:.1f} s ({inner:.1f} s after start-up; peak RSS "
+            f"{r / 1e9:.2f} GB)", flush=True)
+      if _EXPORT.value and i == 0:
+        back = os.path.join(root, "back")
+        export_s.append(_child(f"import json; from k2jax.convert import export; "
+                               f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")[0])
+        shutil.rmtree(back)
+      shutil.rmtree(out)
+    cp_m, conv_m, inner_m = statistics.median(cp_s), statistics.median(conv_s), statistics.median(inner_s)
+    print(f"cp:      median {cp_m:.1f} s = {size / cp_m / 1e9:.2f} GB/s")
+    print(f"convert: median {conv_m:.1f} s = {size / conv_m / 1e9:.2f} GB/s = {cp_m / conv_m:.0%} of cp "
+          f"(whole process); {inner_m:.1f} s = {size / inner_m / 1e9:.2f} GB/s = {cp_m / inner_m:.0%} of cp "
+          "after start-up (validation, reading, writing, commit)")
+    if export_s:
+      print(f"export:  {export_s[0]:.1f} s = {size / export_s[0] / 1e9:.2f} GB/s (one run)")
+    peak = max(rss)
+    print(f"peak RSS {peak / 1e9:.2f} GB (a process that only imports JAX + orbax: {baseline / 1e9:.2f} GB); "
+          f"largest shard {max(shards) / 1e9:.3f} GB, largest leaf {leaf[1] / 1e9:.3f} GB; "
+          f"target 2 x leaf + 1 GB = {(2 * leaf[1] + 1e9) / 1e9:.2f} GB")
+    print(f"machine: {os.cpu_count()} cores; max RSS of this parent {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
