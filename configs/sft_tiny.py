@@ -9,5 +9,4 @@ def get_config():
   cfg.optimizer.peak_lr = 1e-3
   cfg.optimizer.end_lr = 1e-4
   cfg.optimizer.warmup_steps = 10
-  cfg.init_from = ""  # a k2-train workdir or step folder to start from ('' = random init)
   return cfg

@@ -1,26 +1,20 @@
-"""Pre-training run on the tiny K2 and the embedded synthetic tasks: a few hundred MuonClip steps (WSD)."""
-import dataclasses
+"""Pre-training run on the tiny K2 and the embedded synthetic tasks: a few hundred MuonClip steps (WSD).
 
+The base of the other k2-train configs: every field the trainer reads is here.
+"""
 import ml_collections
 
 from k2jax import presets
 
 
-def model_section(preset: str) -> ml_collections.ConfigDict:
-  """`preset` plus its scalar fields, so that `--config.model.hidden_size=32` and the like work."""
-  c = presets.get(preset)
-  fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
-  scalars = {k: v for k, v in fields.items()
-             if isinstance(v, (int, float, bool)) and k not in ("name",)}
-  return ml_collections.ConfigDict({"preset": preset, **scalars})
-
-
 def get_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
-  cfg.model = model_section("tiny")
+  # Fields left unset come from the preset: --config.model.preset=tiny_no_qlora, --config.model.hidden_size=32.
+  cfg.model = presets.model_config_section("tiny")
   cfg.param_dtype = "float32"    # master weights
   cfg.compute_dtype = "float32"  # "bfloat16": params cast inside the step, fp32 masters kept
   cfg.seed = 0
+  cfg.init_from = ""             # a k2-train workdir / step folder or a k2-convert output ('' = random init)
 
   cfg.data = ml_collections.ConfigDict()
   cfg.data.train = "synthetic"   # 'synthetic', 'synthetic_chat', or a .npy / .jsonl / .txt path

@@ -277,10 +277,10 @@ def format_budget(b: Budget) -> str:
   return "\n".join(lines)
 
 
-def format_plan(c: K2Config, mesh, budgets: list[Budget], moe_impl: str | None = None) -> str:
+def format_plan(c: K2Config, mesh, budgets: list[Budget], moe_impl: str | None = None, mesh_note: str = "") -> str:
   n = params_lib.count(params_lib.abstract_params(c, jnp.bfloat16))
   head = [f"{c.name}: {n:,} parameters",
-          f"mesh {sharding.format_mesh(mesh)} = {math.prod(dict(mesh.shape).values())} devices",
+          f"mesh {sharding.format_mesh(mesh)} = {math.prod(dict(mesh.shape).values())} devices{mesh_note}",
           sharding.describe_moe_impl(sharding.choose_moe_impl(mesh, moe_impl), mesh)]
   return "\n\n".join(["\n".join(head)] + [format_budget(b) for b in budgets])
 
@@ -288,11 +288,12 @@ def format_plan(c: K2Config, mesh, budgets: list[Budget], moe_impl: str | None =
 def run(argv=None):
   """`k2-plan`: per-device memory of serving and/or training a preset (or HF config) on a mesh."""
   from k2jax import cli  # noqa: PLC0415
-  from absl import flags  # noqa: PLC0415
+  from absl import app, flags  # noqa: PLC0415
 
   flags.DEFINE_string("preset", "k2_thinking", "Model preset name.")
   flags.DEFINE_string("hf_config", None, "Path to an HF config.json (or its folder); overrides --preset.")
-  flags.DEFINE_integer("devices", None, "Device count, when --mesh leaves an axis open (-1) or is unset.")
+  flags.DEFINE_integer("devices", None, "Device count, when --mesh leaves an axis open (-1) or is unset "
+                       "(default: this machine's devices).")
   flags.DEFINE_float("device_memory_gib", 95.0, "Memory per device in GiB.")
   flags.DEFINE_integer("batch", 16, "Sequences: served concurrently, or per training step.")
   flags.DEFINE_integer("context", 4096, "Tokens per sequence.")
@@ -304,14 +305,22 @@ def run(argv=None):
     from k2jax import presets  # noqa: PLC0415
     F = flags.FLAGS
     c = K2Config.from_hf(F.hf_config) if F.hf_config else presets.get(F.preset)
-    mesh = sharding.abstract_mesh(F.mesh, F.devices)
+    devices, note = F.devices, ""
+    open_mesh = F.mesh is None or F.mesh.strip() in ("", "auto") or "-1" in F.mesh
+    if devices is None and open_mesh:  # the default mesh: every device of this machine on fsdp
+      devices = jax.device_count()
+      note = f" (this machine's {devices} {jax.devices()[0].platform} device(s); --devices=N or --mesh plans for others)"
+    try:
+      mesh = sharding.abstract_mesh(F.mesh, devices)
+    except sharding.MeshError as e:
+      raise app.UsageError(f"{e} (set --mesh, and --devices when an axis is -1)") from None
     budgets = []
     if F.mode in ("serve", "both"):
       budgets.append(serving_plan(c, mesh, F.batch, F.context, F.device_memory_gib, moe_impl=F.moe_impl))
     if F.mode in ("train", "both"):
       budgets.append(training_plan(c, mesh, F.batch, F.context, F.device_memory_gib, remat=F.remat,
                                    moe_impl=F.moe_impl))
-    print(format_plan(c, mesh, budgets, F.moe_impl))
+    print(format_plan(c, mesh, budgets, F.moe_impl, note))
 
   cli.run(main, [__name__, "k2jax.sharding"], argv)
 

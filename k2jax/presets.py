@@ -41,17 +41,51 @@ def get(name: str) -> K2Config:
     raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
 
 
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _placeholders(cls) -> dict:
+  """Every scalar field of a config dataclass as an unset, typed placeholder (`Optional` fields too)."""
+  from ml_collections import config_dict  # noqa: PLC0415
+  out = {}
+  for f in dataclasses.fields(cls):
+    kind = _SCALARS.get(str(f.type).split("|")[0].strip())
+    if kind is not None and f.name != "name":
+      out[f.name] = config_dict.placeholder(kind)
+  return out
+
+
+def model_config_section(preset: str):
+  """A run config's `model` section: `preset` plus every K2Config field (and `rope.*`) as an unset
+  placeholder, so `--config.model.hidden_size=32` changes one field and everything left unset comes
+  from the preset (`--config.model.preset=...` changes them all). None (unset) cannot override an
+  Optional field to None: pick a preset that has it (e.g. `tiny_no_qlora` for no q-LoRA)."""
+  import ml_collections  # noqa: PLC0415
+  get(preset)  # a typo fails here, not at the first step
+  return ml_collections.ConfigDict({"preset": preset, **_placeholders(K2Config), "rope": _placeholders(RopeConfig)})
+
+
+def config_overrides(model_cfg) -> dict:
+  """The fields a run config's `model` section sets (unset placeholders left out; `rope` as a dict)."""
+  fields = {k: v for k, v in dict(model_cfg).items() if v is not None and k != "preset"}
+  if "rope" in fields:
+    fields["rope"] = {k: v for k, v in dict(fields["rope"]).items() if v is not None}
+    if not fields["rope"]:
+      del fields["rope"]
+  return fields
+
+
 def from_config_dict(model_cfg) -> K2Config:
-  """A K2Config from a run config's `model` section: `preset` plus field overrides (`rope` as a dict)."""
-  fields = dict(model_cfg)
-  name = fields.pop("preset", None)
+  """A K2Config from a run config's `model` section: `preset` plus the fields it sets (`rope` as a dict)."""
+  name = dict(model_cfg).get("preset")
   if name is None:
     raise ConfigError("the model config needs a 'preset' field (one of " + ", ".join(sorted(PRESETS)) + ")")
   base = get(name)
+  fields = config_overrides(model_cfg)
   rope = fields.pop("rope", None)
   if rope:
     try:
-      fields["rope"] = dataclasses.replace(base.rope, **dict(rope))
+      fields["rope"] = dataclasses.replace(base.rope, **rope)
     except TypeError as e:
-      raise ConfigError(f"bad rope override {dict(rope)}: {e}") from None
+      raise ConfigError(f"bad rope override {rope}: {e}") from None
   return base.replace(**fields) if fields else base

@@ -73,3 +73,15 @@ def test_cli_prints_total_and_both_tables():
 def test_cli_rejects_a_bad_mesh():
   res = subprocess.run([sys.executable, "-m", "k2jax.plan", "--mesh=model:16"], capture_output=True, text=True)
   assert res.returncode != 0 and "unknown mesh axis 'model'" in res.stderr
+
+
+def test_cli_default_mesh_is_this_machines_devices_on_fsdp():
+  # tests/conftest.py gives this process tree 8 CPU devices.
+  res = subprocess.run([sys.executable, "-m", "k2jax.plan", "--preset=k2_thinking", "--mode=serve"],
+                       capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "mesh data:1,fsdp:8,expert:1,tensor:1 = 8 devices (this machine's 8 cpu device(s)" in res.stdout
+  assert "553.40" in res.stdout  # one copy of the INT4 serving weights, in GiB like k2-params
+  res = subprocess.run([sys.executable, "-m", "k2jax.plan", "--mesh=expert:3,fsdp:-1", "--devices=16"],
+                       capture_output=True, text=True)
+  assert res.returncode != 0 and "set --mesh, and --devices" in res.stderr and "Traceback" not in res.stderr

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from k2jax import params as params_lib
-from k2jax import presets
+from k2jax import presets, sharding
+from k2jax.config import K2Config
 from k2jax.train import checkpointing, data
 from k2jax.train import train_step as ts
 
@@ -140,13 +141,54 @@ def _to_host(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Every field the trainer reads is there (configs/train_tiny.py has them all)."""
+  from k2jax.configs import train_tiny  # noqa: PLC0415
+  base = train_tiny.get_config()
+  missing = [k for k in base if k not in cfg]
+  missing += [f"{k}.{j}" for k in base if isinstance(base[k], ml_collections.ConfigDict) and k in cfg
+              and k != "model" for j in base[k] if j not in cfg[k]]
+  if missing:
+    raise ValueError(f"the run config lacks {', '.join(missing)}; build it on configs/train_tiny.py "
+                     "(train_tiny.get_config())")
+
+
+def resolved(cfg: ml_collections.ConfigDict, c: K2Config, mesh) -> dict[str, Any]:
+  """What the run config leaves to the preset and the flags, written out: the model config, the
+  fields the run changed, and the mesh (None: one device, no mesh)."""
+  devices = mesh.devices.size if mesh is not None else 1
+  return {"model": checkpointing.config_to_dict(c), "preset": cfg.model.preset,
+          "model_overrides": presets.config_overrides(cfg.model),
+          "mesh": sharding.format_mesh(mesh) if mesh is not None else None, "devices": int(devices),
+          "platform": jax.devices()[0].platform}
+
+
+def describe(cfg: ml_collections.ConfigDict, c: K2Config, mesh, workdir: Path) -> str:
+  """The run in a few lines: the resolved model (and what changed it), the mesh, where it all is saved."""
+  r = resolved(cfg, c, mesh)
+  n = params_lib.count(params_lib.abstract_params(c))
+  changed = ", ".join(f"{k}={v}" for k, v in sorted(r["model_overrides"].items())) or "none"
+  return "\n".join([
+      f"model: preset {r['preset']}, overrides: {changed}",
+      f"  {n:,} parameters: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
+      f"{c.n_routed_experts} experts top-{c.num_experts_per_tok}, q_lora_rank {c.q_lora_rank}, vocab {c.vocab_size}",
+      f"mesh: {r['mesh'] or 'none'} ({r['devices']} {r['platform']} device{'s' if r['devices'] > 1 else ''})",
+      f"run config, resolved model and mesh: {workdir / 'config.json'}"])
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> list[dict[str, Any]]:
-  """Runs (or resumes) training; returns the logged rows of this invocation."""
+  """Runs (or resumes) training; returns the logged rows of this invocation.
+
+  WORKDIR/config.json holds the run config plus `resolved` (the model config, the fields the run
+  changed, the mesh), so the workdir alone says what ran.
+  """
+  check_config(cfg)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   c = presets.from_config_dict(cfg.model)
   cfg = _with_moe_impl(cfg, mesh)
-  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  workdir.mkdir(parents=True, exist_ok=True)
+  saved = {**json.loads(cfg.to_json_best_effort()), "resolved": resolved(cfg, c, mesh)}
+  (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
   train_ds, eval_set = _data(cfg)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)
@@ -168,6 +210,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> lis
   end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, cfg.stop_after_steps)
   logger, rows = _Logger(workdir), []
   bar = _progress(cfg, start, end)
+  postfix: dict[str, str] = {}
   t_last, t_from = time.perf_counter(), start
   try:
     for step in range(start, end):
@@ -187,13 +230,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> lis
         row = {"step": done, **m}
         rows.append(row)
         logger.write(row)
+        postfix.update(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
         if bar is not None:
-          bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+          bar.set_postfix(postfix)
       if bar is not None:
         bar.update(1)
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == end) and eval_set:
         eval_row = {"step": done, "eval_loss": _eval(eval_fn, state.params, eval_set)}
         logger.write(eval_row)
+        postfix["eval_loss"] = f"{eval_row['eval_loss']:.3f}"
+        if bar is not None:
+          bar.set_postfix(postfix)
         t_last, t_from = time.perf_counter(), done  # eval time is not training throughput
       if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
         save(done)
@@ -203,6 +250,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> lis
     logger.close()
     ckpt.close()
   return rows
+
+
+def _latest_checkpoint(workdir: Path) -> Path | None:
+  folder = workdir.absolute() / checkpointing.CHECKPOINT_DIR
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+  return folder / str(max(steps)) if steps else None
 
 
 def _eval(eval_fn, params, batches) -> float:
@@ -225,18 +278,32 @@ def _progress(cfg, start, end):
 
 def main(argv) -> None:
   del argv
-  from absl import flags, logging  # noqa: PLC0415
+  from absl import app, flags, logging  # noqa: PLC0415
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  cfg = flags.FLAGS.config
+  cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
   if flags.FLAGS["moe_impl"].present:  # the flag overrides the run config's moe_impl
     with cfg.unlocked():
       cfg.moe_impl = flags.FLAGS.moe_impl
   mesh, ctx = _mesh_context()
+  try:
+    check_config(cfg)
+    print(describe(cfg, presets.from_config_dict(cfg.model), mesh, workdir), flush=True)
+  except ValueError as e:  # ConfigError included
+    raise app.UsageError(str(e)) from None
   with ctx:
-    rows = train(cfg, flags.FLAGS.workdir, mesh)
+    rows = train(cfg, workdir, mesh)
   if rows:
     print(json.dumps(rows[-1]))
+  metrics = workdir / "metrics.jsonl"
+  evals = [r for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r]
+  if evals:
+    print(f"eval loss {evals[-1]['eval_loss']:.4f} at step {evals[-1]['step']}")
+  latest = _latest_checkpoint(workdir)
+  if latest is not None:
+    print(f"checkpoint: {latest}\n"
+          f"next: k2-generate --checkpoint={workdir} --prompt=\"...\"   (the same k2-train command resumes; "
+          f"metrics: {metrics})")
 
 
 def run() -> None:

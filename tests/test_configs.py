@@ -1,0 +1,100 @@
+"""Every shipped run config works with the entry point it is for; model sections take only what the user set."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from k2jax import params as params_lib, presets
+from k2jax.train import train_step as ts, trainer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# config file -> the entry point it is for (k2-train configs run here; others name the test that runs them)
+ENTRY_POINTS = {"train_tiny.py": "k2-train", "sft_tiny.py": "k2-train", "k2_thinking.py": "k2-train",
+                "tts_tiny.py": "tests/test_tts.py"}
+SMALL_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "n_routed_experts": 4, "moe_intermediate_size": 32}
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", CONFIGS / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _shrink(cfg):
+  """A step or two of the config's own recipe on a model and batch small enough for a test."""
+  cfg.model.preset = "tiny"
+  cfg.model.update(SMALL_MODEL)
+  cfg.data.batch_size, cfg.data.seq_len = 2, 64
+  cfg.num_steps, cfg.log_every, cfg.eval_every, cfg.eval_batches, cfg.checkpoint_every = 2, 1, 2, 1, 2
+  cfg.progress_bar, cfg.async_checkpoints = False, False
+  return cfg
+
+
+def test_every_shipped_config_has_an_entry_point():
+  shipped = sorted(p.name for p in CONFIGS.glob("*.py") if p.name != "__init__.py")
+  assert shipped == sorted(ENTRY_POINTS)
+  for name, where in ENTRY_POINTS.items():
+    assert where.startswith("k2-") or (CONFIGS.parent / where).exists(), name
+
+
+def test_k2_thinking_recipe_runs_two_steps_on_a_small_model(tmp_path):
+  # bf16 compute over fp32 masters, full remat, QAT; sft_tiny.py runs through the CLI below and
+  # train_tiny.py (the base of both) through tests/test_train.py and tests/test_resume.py.
+  cfg = _shrink(_load("k2_thinking.py"))
+  rows = trainer.train(cfg, tmp_path)
+  assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["resolved"]["model"]["hidden_size"] == 32 and saved["resolved"]["model_overrides"] == SMALL_MODEL
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_k2_thinking_config_is_the_real_model_and_its_state_builds_abstractly():
+  cfg = _load("k2_thinking.py")
+  trainer.check_config(cfg)
+  c = presets.from_config_dict(cfg.model)
+  assert c == presets.K2_THINKING
+  tx, _ = ts.make_optimizer(cfg)
+  state = jax.eval_shape(lambda: ts.init_state(params_lib.abstract_params(c), tx))
+  assert params_lib.count(state.params) == 1_026_408_232_448
+
+
+def test_model_section_overrides_only_what_is_set():
+  cfg = _load("train_tiny.py")
+  assert presets.from_config_dict(cfg.model) == presets.TINY
+  cfg.model.preset = "k2_thinking"  # the preset decides every field left unset
+  assert presets.from_config_dict(cfg.model) == presets.K2_THINKING
+  cfg.model.preset = "tiny_no_qlora"
+  assert presets.from_config_dict(cfg.model).q_lora_rank is None
+  cfg.model.hidden_size, cfg.model.rope.factor = 32, 2.0
+  c = presets.from_config_dict(cfg.model)
+  assert (c.hidden_size, c.rope.factor, c.q_lora_rank, c.n_group) == (32, 2.0, None, 4)
+  assert presets.config_overrides(cfg.model) == {"hidden_size": 32, "rope": {"factor": 2.0}}
+  del cfg.data
+  with pytest.raises(ValueError, match="run config lacks data"):
+    trainer.check_config(cfg)
+
+
+def test_cli_prints_and_saves_the_resolved_run(tmp_path):
+  work = tmp_path / "run"
+  args = [f"--config={CONFIGS / 'sft_tiny.py'}", f"--workdir={work}", "--mesh=fsdp:-1", "--config.init_from=", "--config.num_steps=2",
+          "--config.eval_every=2", "--config.eval_batches=1", "--config.data.batch_size=2",
+          "--config.data.seq_len=32", "--config.progress_bar=False"]
+  args += [f"--config.model.{k}={v}" for k, v in SMALL_MODEL.items()]
+  code = "import sys; from k2jax.train.trainer import run; sys.argv[0] = 'k2-train'; run()"
+  res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = res.stdout
+  assert "model: preset tiny, overrides: hidden_size=32, moe_intermediate_size=32, n_routed_experts=4, " \
+         "num_hidden_layers=2" in out
+  assert "mesh: data:1,fsdp:8,expert:1,tensor:1" in out and "eval loss" in out
+  assert f"checkpoint: {work.absolute()}/checkpoints/2" in out and f"k2-generate --checkpoint={work}" in out
+  assert "Unable to initialize backend" not in res.stderr
+  saved = json.loads((work / "config.json").read_text())
+  assert saved["resolved"]["mesh"] == "data:1,fsdp:8,expert:1,tensor:1" and saved["resolved"]["devices"] == 8
+  assert saved["resolved"]["model"]["num_hidden_layers"] == 2 and saved["model"]["preset"] == "tiny"
+  assert saved["data"]["train"] == "synthetic_chat"
