@@ -53,6 +53,12 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def check_output(output_dir: str) -> None:
+  """An output folder may be created: it does not exist, or is an empty folder (never overwritten)."""
+  if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    raise ConvertError(f"{os.path.abspath(output_dir)} exists and is not empty; refusing to overwrite it")
+
+
 class Staging:
   """Writes go to `<output>.partial`; `commit` renames it to `<output>`; any failure removes it.
 
@@ -65,8 +71,7 @@ class Staging:
     self.tmp = self.output.rstrip("/") + ".partial"
 
   def __enter__(self) -> "Staging":
-    if os.path.exists(self.output) and (not os.path.isdir(self.output) or os.listdir(self.output)):
-      raise ConvertError(f"{self.output} exists and is not empty; refusing to overwrite it")
+    check_output(self.output)
     if process_index() == 0:
       if os.path.exists(self.tmp):
         shutil.rmtree(self.tmp)

@@ -111,6 +111,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
   from k2jax.train import checkpointing  # noqa: PLC0415
   from k2jax.train.train_step import QAT_MODE  # noqa: PLC0415
+  layout.check_output(output_dir)
   manager, step, meta, c = open_checkpoint(checkpoint)
   try:
     like = checkpointing.abstract_params_of(meta, c)
