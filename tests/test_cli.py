@@ -43,3 +43,39 @@ def test_help_lists_the_tools_flags(module):
 def test_unknown_flag_is_named():
   res = _run("k2jax.report", "--presett=tiny")
   assert res.returncode != 0 and "presett" in res.stderr
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("k2jax.train.trainer", ["--workdir={file}"], "k2-tool: error: workdir {file} is a file, not a folder"),
+    ("k2jax.plan", ["--mesh=bogus:2"], "k2-tool: error: unknown mesh axis 'bogus'"),
+    ("k2jax.infer.generate", ["--hf_dir={missing}", "--prompt_ids=1"], "k2-tool: error: {missing} is missing"),
+])
+def test_expected_errors_are_one_line_and_exit_1(module, args, message, tmp_path):
+  names = {"file": tmp_path / "file", "missing": tmp_path / "missing"}
+  names["file"].write_text("not a folder")
+  res = _run(module, *[a.format(**names) for a in args])
+  assert res.returncode == 1
+  assert res.stderr.strip().splitlines()[-1].startswith(message.format(**names)), res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+
+
+def test_fail_cleanly_reports_project_and_os_errors_and_keeps_bugs_loud(capsys, monkeypatch):
+  from k2jax import cli
+  from k2jax.config import ConfigError
+
+  def failing(error):
+    def main(argv):
+      raise error
+    return cli.fail_cleanly(main)
+
+  for error, text in [(ConfigError("bad\nfield"), "bad field"), (PermissionError(13, "Permission denied", "/x"), "/x")]:
+    with pytest.raises(SystemExit) as exit_info:
+      failing(error)(["k2-x"])
+    assert exit_info.value.code == 1
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith("k2-x: error: ") and text in line
+  with pytest.raises(ZeroDivisionError):  # not an expected error: the traceback stays
+    failing(ZeroDivisionError("bug"))(["k2-x"])
+  monkeypatch.setenv("K2JAX_TRACEBACK", "1")
+  with pytest.raises(ConfigError):
+    failing(ConfigError("shown with its traceback"))(["k2-x"])

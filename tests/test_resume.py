@@ -62,19 +62,70 @@ def test_config_mismatch_names_fields(runs, tmp_path):
     trainer.train(other, straight)
 
 
-def test_corrupt_checkpoint_is_a_clear_error(runs, tmp_path):
-  import shutil
-  cfg, straight, _ = runs
+def _copy(runs_dir: Path, tmp_path: Path) -> Path:
+  import shutil  # noqa: PLC0415
   work = tmp_path / "work"
-  shutil.copytree(straight, work)
+  shutil.copytree(runs_dir, work)
+  return work
+
+
+def _rows(workdir: Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_metrics_keep_each_step_once(runs, tmp_path, caplog):
+  cfg, straight, _ = runs
+  work = _copy(straight, tmp_path)
   step_dir = work / checkpointing.CHECKPOINT_DIR / str(STEPS)
   for f in (step_dir / "params").rglob("*"):
     if f.is_file():
       f.write_bytes(b"not a checkpoint")
-  with pytest.raises(checkpointing.CheckpointError, match=f"cannot restore checkpoint .*{STEPS}"):
-    trainer.train(cfg, work)
-  (step_dir / "meta" / "metadata").write_text("{ truncated")
-  with pytest.raises(checkpointing.CheckpointError, match="metadata"):
+  with (work / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 7, "lo')  # a row cut short by the kill
+  rows = trainer.train(cfg, work)
+  # Resumed from the previous checkpoint (STEPS - 2), with the uninterrupted run's losses.
+  assert [r["step"] for r in rows] == [STEPS - 1, STEPS]
+  assert "falling back to the previous checkpoint" in caplog.text and f"cannot restore checkpoint {step_dir}" in caplog.text
+  assert (work / checkpointing.SET_ASIDE_DIR / str(STEPS)).is_dir() and (step_dir / "meta").is_dir()
+  logged = _rows(work)
+  marker = [r for r in logged if r.get("resumed")]
+  assert marker == [{"step": STEPS - 2, "resumed": True, "dropped_rows": 3}]  # rows 5 and 6, and the cut one
+  losses = [r["step"] for r in logged if "loss" in r]
+  assert losses == list(range(1, STEPS + 1))
+  assert _losses(work) == _losses(straight)
+
+
+def test_no_readable_checkpoint_is_a_clear_error(runs, tmp_path):
+  cfg, straight, _ = runs
+  work = _copy(straight, tmp_path)
+  for step_dir in (work / checkpointing.CHECKPOINT_DIR).iterdir():
+    (step_dir / "meta" / "metadata").write_text("{ truncated")
+  with pytest.raises(checkpointing.CheckpointError, match="no readable checkpoint .*has no readable metadata"):
     trainer.train(cfg, work)
   with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
     checkpointing.load_params_for_inference(tmp_path / "missing")
+
+
+def test_config_change_on_resume_is_refused_unless_allowed(runs, tmp_path):
+  cfg, straight, _ = runs
+  work = _copy(straight, tmp_path)
+  saved_config = (work / "config.json").read_text()
+  other = small_config(num_steps=STEPS, checkpoint_every=3, **{"data.batch_size": 8, "data.seq_len": 32})
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"data.batch_size: checkpoint 4 vs run 8, data.seq_len: checkpoint 64 vs run 32\); pass --allow_config_change"):
+    trainer.train(other, work)
+  assert (work / "config.json").read_text() == saved_config  # nothing rewritten by the refused run
+  # Operational fields (checkpoint_every above) may change; an allowed change resumes.
+  reseeded = small_config(num_steps=STEPS, checkpoint_every=2, seed=7)
+  with pytest.raises(checkpointing.CheckpointError, match=r"\(seed: checkpoint 0 vs run 7\)"):
+    trainer.train(reseeded, work)
+  import shutil  # noqa: PLC0415
+  shutil.rmtree(work / checkpointing.CHECKPOINT_DIR / str(STEPS))  # resume from STEPS - 2, as after a kill
+  rows = trainer.train(reseeded, work, allow_config_change=True)
+  assert [r["step"] for r in rows] == [STEPS - 1, STEPS]
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+    trainer.train(small_config(), tmp_path / "file")

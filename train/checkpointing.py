@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 from k2jax import params as params_lib
 from k2jax.config import K2Config, RopeConfig
 
 CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = "corrupt_checkpoints"  # unreadable steps are moved here when a run falls back past them
+
+# Run-config fields that change how a run is watched, stopped or laid out on devices, not what it
+# computes: a resumed run may change them freely. Any other difference needs allow_config_change.
+OPERATIONAL_FIELDS = ("stop_after_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                      "keep_checkpoints", "async_checkpoints", "progress_bar", "moe_impl")
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, unreadable, or does not fit the run restoring it."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A step whose files cannot be read (truncated, corrupted, not written by k2-train)."""
 
 
 def config_to_dict(c: K2Config) -> dict[str, Any]:
@@ -43,6 +55,25 @@ def config_from_dict(d: dict[str, Any]) -> K2Config:
 
 # Fields that name or describe storage, not the architecture (a converted checkpoint's name is its source's).
 NON_ARCHITECTURE_FIELDS = ("name", "expert_quant")
+
+
+def run_config_differences(saved: dict[str, Any], current: dict[str, Any],
+                           ignore: tuple[str, ...] = OPERATIONAL_FIELDS) -> dict[str, tuple[Any, Any]]:
+  """{dotted.field: (saved, current)} for every differing leaf of two run configs (as JSON dicts)."""
+  out: dict[str, tuple[Any, Any]] = {}
+  for k in sorted(set(saved) | set(current)):
+    if k in ignore:
+      continue
+    a, b = saved.get(k), current.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out.update({f"{k}.{j}": v for j, v in run_config_differences(a, b, ()).items()})
+    elif a != b:
+      out[k] = (a, b)
+  return out
+
+
+def _describe(diff: dict[str, tuple[Any, Any]]) -> str:
+  return ", ".join(f"{k}: checkpoint {v[0]!r} vs run {v[1]!r}" for k, v in diff.items())
 
 
 def config_differences(saved: K2Config, current: K2Config, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
@@ -79,26 +110,60 @@ class Checkpointer:
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave({**meta, "step": int(step)})))
 
-  def restore(self, params_like: Any, opt_state_like: Any, c: K2Config, step: int | None = None):
-    """(step, params, opt_state, meta) of `step` (default the latest), onto the shapes and shardings
-    of the given trees. Raises CheckpointError on a config mismatch or an unreadable checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def restore(self, params_like: Any, opt_state_like: Any, c: K2Config, step: int | None = None,
+              run_config: dict[str, Any] | None = None, allow_config_change: bool = False):
+    """(step, params, opt_state, meta) of `step`, onto the shapes and shardings of the given trees.
+
+    Without `step`, the newest readable step: an unreadable newer one is moved to SET_ASIDE_DIR with a
+    warning and the one before it is tried. A model config (or, when given, run config) that differs
+    from the checkpoint's raises CheckpointError naming the fields, unless `allow_config_change`."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}")
+    problems = []
+    for candidate in steps:
+      try:
+        return self._restore_step(candidate, params_like, opt_state_like, c, run_config, allow_config_change)
+      except UnreadableCheckpointError as e:
+        if step is not None:
+          raise
+        problems.append(str(e))
+        moved = self._set_aside(candidate)
+        logging.warning("%s; moved it to %s and falling back to the previous checkpoint", e, moved)
+    raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(problems))
+
+  def _restore_step(self, step, params_like, opt_state_like, c, run_config, allow_config_change):
     where = self.directory / str(step)
     meta = _restore_meta(self.manager, step, where)
-    saved = config_from_dict(meta["model_config"])
-    diff = config_differences(saved, c)
-    if diff:
-      lines = ", ".join(f"{k}: checkpoint {v[0]!r} vs run {v[1]!r}" for k, v in diff.items())
-      raise CheckpointError(f"checkpoint {where} was trained with a different model config ({lines})")
+    hint = "; pass --allow_config_change to resume anyway, or use another workdir"
+    diff = config_differences(config_from_dict(meta["model_config"]), c)
+    # After an allowed model change a failing restore is that change's doing, not a corrupt step.
+    failure = CheckpointError if diff else UnreadableCheckpointError
+    if diff and not allow_config_change:
+      raise CheckpointError(f"checkpoint {where} was trained with a different model config ({_describe(diff)}){hint}")
+    if run_config is not None and isinstance(meta.get("run_config"), dict) and not allow_config_change:
+      diff = {k: v for k, v in run_config_differences(meta["run_config"], run_config).items()
+              if not k.startswith("model.")}  # the model section is compared above, as a K2Config
+      if diff:
+        raise CheckpointError(f"checkpoint {where} was written by a run with a different config ({_describe(diff)}){hint}")
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(_abstract(params_like)),
           opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
     except Exception as e:  # orbax raises many types for truncated / mismatched files
-      raise CheckpointError(f"cannot restore checkpoint {where}: {type(e).__name__}: {e}") from e
+      raise failure(f"cannot restore checkpoint {where}: {type(e).__name__}: {e}") from e
     return step, out["params"], out["opt_state"], meta
+
+  def _set_aside(self, step: int) -> Path:
+    """Moves an unreadable step out of the checkpoints folder, so the run can save that step again."""
+    target = self.directory.parent / SET_ASIDE_DIR / str(step)
+    suffix = 1
+    while target.exists():
+      target, suffix = target.with_name(f"{step}.{suffix}"), suffix + 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / str(step)), str(target))
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -117,10 +182,10 @@ def _restore_meta(manager: ocp.CheckpointManager, step: int, where: Path) -> dic
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:
-    raise CheckpointError(f"checkpoint {where} has no readable metadata ({type(e).__name__}: {e}); it may be "
+    raise UnreadableCheckpointError(f"checkpoint {where} has no readable metadata ({type(e).__name__}: {e}); it may be "
                           "corrupt or not written by k2-train") from e
   if not isinstance(meta, dict) or "model_config" not in meta:
-    raise CheckpointError(f"checkpoint {where}: metadata lacks 'model_config'")
+    raise UnreadableCheckpointError(f"checkpoint {where}: metadata lacks 'model_config'")
   return meta
 
 

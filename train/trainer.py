@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,17 @@ def _default_config_path() -> str:
 
 
 class _Logger:
-  """metrics.jsonl, plus TensorBoard scalars when tensorboardX is installed."""
+  """metrics.jsonl, plus TensorBoard scalars when tensorboardX is installed.
 
-  def __init__(self, workdir: Path):
-    self.file = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
+  A run that starts at `start_step` first drops the rows after it (steps a killed run logged past its
+  last checkpoint, which this run computes again) and marks the restart with a row
+  {"step": start_step, "resumed": true, "dropped_rows": n}, so every step appears once."""
+
+  def __init__(self, workdir: Path, start_step: int = 0):
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+      _truncate_metrics(path, start_step)
+    self.file = path.open("a", encoding="utf-8")
     self.tb = None
     try:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
@@ -58,6 +66,31 @@ class _Logger:
     self.file.close()
     if self.tb is not None:
       self.tb.close()
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+  kept, dropped = [], 0
+  for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    try:
+      row = json.loads(line)
+      keep = isinstance(row, dict) and int(row.get("step", 0)) <= start_step
+    except (ValueError, TypeError):  # a line cut short by the kill
+      keep = False
+    kept += [line] if keep else []
+    dropped += not keep
+  if kept or dropped:
+    kept.append(json.dumps({"step": start_step, "resumed": True, "dropped_rows": dropped}))
+  tmp = path.with_suffix(".jsonl.tmp")
+  tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+  tmp.replace(path)
+
+
+def _prepare_workdir(workdir: Path) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a folder")
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"workdir {workdir} is not writable")
 
 
 def _mesh_context():
@@ -176,19 +209,20 @@ def describe(cfg: ml_collections.ConfigDict, c: K2Config, mesh, workdir: Path) -
       f"run config, resolved model and mesh: {workdir / 'config.json'}"])
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> list[dict[str, Any]]:
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
+          allow_config_change: bool = False) -> list[dict[str, Any]]:
   """Runs (or resumes) training; returns the logged rows of this invocation.
 
   WORKDIR/config.json holds the run config plus `resolved` (the model config, the fields the run
-  changed, the mesh), so the workdir alone says what ran.
+  changed, the mesh), so the workdir alone says what ran. Resuming restores the newest readable
+  checkpoint (an unreadable one is set aside with a warning) and refuses a config that differs from the
+  checkpoint's, naming the fields, unless `allow_config_change`.
   """
   check_config(cfg)
   workdir = Path(workdir)
   c = presets.from_config_dict(cfg.model)
   cfg = _with_moe_impl(cfg, mesh)
-  workdir.mkdir(parents=True, exist_ok=True)
-  saved = {**json.loads(cfg.to_json_best_effort()), "resolved": resolved(cfg, c, mesh)}
-  (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+  _prepare_workdir(workdir)
   train_ds, eval_set = _data(cfg)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)
@@ -197,9 +231,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> lis
     state = jax.jit(lambda p: ts.init_state(p, tx))(_init_params(cfg, c, mesh))
   else:
     state = _state_like(cfg, c, tx, mesh)
-    start, params, opt_state, meta = ckpt.restore(state.params, state.opt_state, c)
+    try:
+      start, params, opt_state, meta = ckpt.restore(state.params, state.opt_state, c,
+                                                    run_config=json.loads(cfg.to_json_best_effort()),
+                                                    allow_config_change=allow_config_change)
+    except checkpointing.CheckpointError:
+      ckpt.close()
+      raise
     state = ts.TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state.step.sharding), params, opt_state)
     train_ds.restore(meta["data_state"])
+  saved = {**json.loads(cfg.to_json_best_effort()), "resolved": resolved(cfg, c, mesh)}
+  (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")  # once a resume is accepted
   step_fn, eval_fn = _compiled_steps(c, cfg)
   meta_base = {"model_config": checkpointing.config_to_dict(c), "param_dtype": cfg.param_dtype,
                "run_config": json.loads(cfg.to_json_best_effort())}
@@ -208,7 +250,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> lis
     ckpt.save(step, state.params, state.opt_state, {**meta_base, "data_state": train_ds.state()})
 
   end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, cfg.stop_after_steps)
-  logger, rows = _Logger(workdir), []
+  logger, rows = _Logger(workdir, start), []
   bar = _progress(cfg, start, end)
   postfix: dict[str, str] = {}
   t_last, t_from = time.perf_counter(), start
@@ -292,7 +334,7 @@ def main(argv) -> None:
   except ValueError as e:  # ConfigError included
     raise app.UsageError(str(e)) from None
   with ctx:
-    rows = train(cfg, workdir, mesh)
+    rows = train(cfg, workdir, mesh, allow_config_change=flags.FLAGS.allow_config_change)
   if rows:
     print(json.dumps(rows[-1]))
   metrics = workdir / "metrics.jsonl"
@@ -314,6 +356,8 @@ def run() -> None:
     config_flags.DEFINE_config_file("config", _default_config_path(), "Run config file (ml_collections).")
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
     flags.mark_flag_as_required("workdir")
+    flags.DEFINE_bool("allow_config_change", False, "Resume even though the run config differs from the "
+                      "checkpoint's (by default the differing fields are named and the run refused).")
     from k2jax import sharding  # noqa: PLC0415
     sharding.define_mesh_flag()
   cli.run(main, [__name__, "k2jax.sharding"])
