@@ -249,3 +249,19 @@ def test_loaded_values_equal_saved(good):
   want = params.cast(host_params(C, seed=3), ml_dtypes.bfloat16)
   got = _load(good, dtype=ml_dtypes.bfloat16).param_tree()
   np.testing.assert_array_equal(np.asarray(got["embed_vd"]), np.asarray(want["embed_vd"]))
+
+
+def test_k2_generate_refuses_nan_weights_in_one_line(good, tmp_path):
+  """A NaN checkpoint used to generate 0,0,0,0 and exit 0."""
+  import subprocess
+  import sys
+  folder = _copy(good, str(tmp_path / "nan_cli"))
+  path = _shard_of(folder, ATTN)
+  sf = SafetensorsFile(path)
+  tensors = {k: np.array(sf.get(k)) for k in sf.keys()}
+  tensors[ATTN][0, 0] = np.nan
+  save_file(tensors, path)
+  res = subprocess.run([sys.executable, "-m", "k2jax.infer.generate", f"--hf_dir={folder}", "--prompt_ids=5,6,7",
+                        "--max_new_tokens=2", "--output=ids"], capture_output=True, text=True, timeout=300)
+  assert res.returncode != 0 and "Traceback" not in res.stderr
+  assert f"tensor '{ATTN}' has 1 NaN/Inf value" in res.stderr and os.path.basename(path) in res.stderr
