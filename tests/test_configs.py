@@ -10,20 +10,21 @@ import jax
 import pytest
 
 from k2jax import params as params_lib, presets
-from k2jax.train import train_step as ts, trainer
+from k2jax.train import checkpointing, train_step as ts, trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # config file -> the entry point it is for (k2-train configs run here; others name the test that runs them)
 ENTRY_POINTS = {"train_tiny.py": "k2-train", "sft_tiny.py": "k2-train", "k2_thinking.py": "k2-train",
+                "from_workdir.py": "k2-train",
                 "tts_tiny.py": "tests/test_tts.py"}
 SMALL_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "n_routed_experts": 4, "moe_intermediate_size": 32}
 
 
-def _load(name: str):
+def _load(name: str, *args):
   spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", CONFIGS / name)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 
 
 def _shrink(cfg):
@@ -100,3 +101,9 @@ def test_cli_prints_and_saves_the_resolved_run(tmp_path):
   assert saved["resolved"]["mesh"] == "data:1,fsdp:2,expert:1,tensor:1" and saved["resolved"]["devices"] == 2
   assert saved["resolved"]["model"]["num_hidden_layers"] == 2 and saved["model"]["preset"] == "tiny"
   assert saved["data"]["train"] == "synthetic_chat"
+  # The workdir alone gives the run config back (configs/from_workdir.py:WORKDIR), model overrides included.
+  again = _load("from_workdir.py", str(work))
+  trainer.check_config(again)
+  assert checkpointing.config_to_dict(presets.from_config_dict(again.model)) == saved["resolved"]["model"]
+  assert presets.config_overrides(again.model) == SMALL_MODEL
+  assert (again.data.train, again.num_steps, again.data.seq_len) == ("synthetic_chat", 2, 32)
