@@ -218,7 +218,8 @@ def render(plan: dict[str, Any]) -> str:
   lines.append("  layout:")
   lines += [f"    {line}" for line in plan["layout"]]
   lines.append(f"  largest leaf: {plan['largest_leaf'][0]} ({gib(plan['largest_leaf'][1])})")
-  lines.append(f"  peak host memory: about {gib(plan['peak_host_bytes'])}")
+  lines.append(f"  peak host memory: about {gib(plan['peak_host_bytes'])} on one host (with --mesh over several "
+               "hosts, each holds only its shards of a leaf)")
   if "estimated_seconds" in plan:
     d = plan["disk"]
     lines.append(f"  disk: read {d['read_bytes_per_s'] / 1e6:,.0f} MB/s, write {d['write_bytes_per_s'] / 1e6:,.0f} MB/s "
