@@ -190,7 +190,7 @@ print("environ: " + " ".join(sorted(os.environ)))
   assert "K2JAX_TEST_SECRET" not in found["environ"]
 
 
-def test_writes_stay_in_a_small_private_tmpfs(tmp_path):
+def test_writes_stay_in_a_small_private_tmpfs_and_files_are_limited(tmp_path):
   target = tmp_path / "escaped.txt"
   code = ATTEMPT + f"""
 for path in ("/escaped.txt", "/usr/lib/escaped.txt", "/etc/escaped.txt", "/dev/shm/escaped.txt", {str(target)!r}):
@@ -201,6 +201,7 @@ def fill():
         with open(f"/tmp/fill{{i}}", "wb") as f:
             f.write(chunk)
 attempt("fill", fill)
+attempt("open_100_files", lambda: [open("/dev/null") for _ in range(100)])  # RLIMIT_NOFILE is 64
 """
   found = outcomes(run(code))
   assert all(outcome.startswith("blocked") for outcome in found.values()), found
