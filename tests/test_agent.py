@@ -212,7 +212,7 @@ def test_calculator_refuses(expression, message):
 
 
 def test_sandbox_enforces_its_timeout():
-  result = run_python("import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.01)", timeout_s=1.0)
+  result = run_python("import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.01)", timeout_s=3.0)
   assert result.timed_out and result.returncode is None
-  assert 1.0 <= result.seconds < 4.0
+  assert 3.0 <= result.seconds < 8.0
   assert result.stdout == "started\n" and "[timed out after" in result.as_text()
