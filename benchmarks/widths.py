@@ -167,8 +167,8 @@ def _versions() -> str:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--width", default="small", help="tiny, small or medium")
-  ap.add_argument("--repeats", type=int, default=3, help="timed runs per inference cell (median)")
-  ap.add_argument("--train_steps", type=int, default=5, help="timed train steps (median), after one warm-up")
+  ap.add_argument("--repeats", type=int, default=2, help="timed runs per inference cell (median)")
+  ap.add_argument("--train_steps", type=int, default=3, help="timed train steps (median), after one warm-up")
   ap.add_argument("--only", default="infer,train", help="phases to run: infer, train or both")
   ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
   ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -193,7 +193,9 @@ def main():
                            capture_output=True, text=True, cwd=os.path.join(HERE, ".."))
       if out.returncode:
         raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
-      res.update({f"{side.split('_')[0]}:{k}": v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()})
+      got = json.loads(out.stdout.strip().splitlines()[-1])
+      print(f"{side}: " + ", ".join(f"{k} {v:.3f} s" for k, v in got.items()), file=sys.stderr, flush=True)
+      res.update({f"{side.split('_')[0]}:{k}": v for k, v in got.items()})
   print(f"# width={args.width} (d={c.hidden_size}, {c.num_hidden_layers} layers, {c.n_routed_experts} experts "
         f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}); {_versions()}; {os.cpu_count()} CPUs")
   print("| width | cell | k2jax tok/s | HF tok/s | ratio |")

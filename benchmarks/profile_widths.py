@@ -1,0 +1,101 @@
+"""Where k2jax's CPU time goes at a given width: each component jitted and timed alone, fp32.
+
+  python -m benchmarks.profile_widths --width=small [--reps=5]
+
+Prefill (batch 8 x 128 tokens into an empty cache) and one decode step (batch 8, cache of 208): per-layer
+attention (absorbed, over the cache), the MoE layer (router, routed experts, shared expert) and the dense
+MLP, times the layer counts; the vocab head (+ greedy sampling when decoding); and the engine's own
+figure for the same work (`Engine.prefill`, and `Engine.generate` per token) so that the rest (layer
+scan, cache writes, norms, host work) shows as the difference. Widths as in `benchmarks/widths.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.widths import NEW, PROMPT, width_config
+from k2jax import attention, moe, params as params_lib, rope
+from k2jax import model as model_lib
+from k2jax.infer.engine import Engine
+from k2jax.infer.sampling import SamplingParams, sample
+from k2jax.layers import swiglu_mlp
+
+BATCH = 8
+
+
+def _ms(fn, *args, reps):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * statistics.median(times)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--width", default="small")
+  ap.add_argument("--reps", type=int, default=5)
+  args = ap.parse_args()
+  c = width_config(args.width)
+  p = params_lib.init_params(c, jax.random.key(0))
+  moe_p = jax.tree.map(lambda a: a[0], p["moe_layers"])
+  dense_p = jax.tree.map(lambda a: a[0], p["dense_layers"])
+  n_moe, n_dense = c.num_moe_layers, c.num_dense_layers
+  max_len = PROMPT + NEW + 16
+  rng = np.random.default_rng(0)
+  rows = []
+
+  def attn(p_attn, x, cache_c, cache_pe, start_b):
+    T = x.shape[1]
+    q_index = start_b[:, None] + jnp.arange(T)[None]
+    cos, sin = rope.cos_sin(c, q_index, x.dtype)
+    mask = jnp.arange(max_len)[None, None, :] <= q_index[:, :, None]
+    return attention.mla_absorbed(p_attn, x, c, cos, sin, mask, cache_c, cache_pe, start_b)[0]
+
+  moe_fn = jax.jit(lambda p, x: moe.moe(p, x, c, jnp.ones(x.shape[:2], bool))[0])
+  mlp_fn = jax.jit(swiglu_mlp)
+  attn_fn = jax.jit(attn)
+  head_fn = jax.jit(lambda w, x: sample(jnp.einsum("bd,dv->bv", x, w), jax.random.key(0), SamplingParams()))
+  engine = Engine(p, c, max_len=max_len)
+  for phase, T, start in (("prefill", PROMPT, 0), ("decode", 1, PROMPT + NEW // 2)):
+    x = jnp.asarray(rng.standard_normal((BATCH, T, c.hidden_size)), jnp.float32)
+    cache_c = jnp.asarray(rng.standard_normal((BATCH, max_len, c.kv_lora_rank)), jnp.float32)
+    cache_pe = jnp.asarray(rng.standard_normal((BATCH, max_len, c.qk_rope_head_dim)), jnp.float32)
+    start_b = jnp.full((BATCH,), start, jnp.int32)
+    parts = {
+        f"attention x{c.num_hidden_layers}": c.num_hidden_layers * _ms(
+            attn_fn, moe_p["attn"], x, cache_c, cache_pe, start_b, reps=args.reps),
+        f"MoE layer x{n_moe}": n_moe * _ms(moe_fn, moe_p["moe"], x, reps=args.reps),
+        f"dense MLP x{n_dense}": n_dense * _ms(mlp_fn, x, dense_p["mlp"], reps=args.reps),
+        "head" + (" + sampling" if phase == "decode" else ""): _ms(head_fn, p["lm_head_dv"], x[:, -1],
+                                                                    reps=args.reps),
+    }
+    prompts = rng.integers(0, 2000, (BATCH, PROMPT)).tolist()
+    if phase == "prefill":
+      whole = _ms(lambda: engine.prefill(prompts)[0], reps=args.reps)
+    else:
+      pre = _ms(lambda: engine.prefill(prompts)[0], reps=args.reps)
+      gen = _ms(lambda: jnp.asarray(engine.generate(prompts, NEW).tokens), reps=max(1, args.reps // 2))
+      whole = (gen - pre) / NEW
+    rows.append((phase, parts, whole))
+  print(f"# width={args.width} (d={c.hidden_size}, {c.num_hidden_layers} layers, {c.n_routed_experts} experts "
+        f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}), batch {BATCH}, jax {jax.__version__}, fp32")
+  print("| phase | component | ms | share of engine |")
+  print("|---|---|---:|---:|")
+  for phase, parts, whole in rows:
+    for name, t in parts.items():
+      print(f"| {phase} | {name} | {t:.2f} | {t / whole:.0%} |")
+    print(f"| {phase} | rest (scan, cache writes, norms, host) | {whole - sum(parts.values()):.2f} | "
+          f"{1 - sum(parts.values()) / whole:.0%} |")
+    print(f"| {phase} | engine ({'per token' if phase == 'decode' else 'whole prefill'}) | {whole:.2f} | 100% |")
+
+
+if __name__ == "__main__":
+  main()
