@@ -11,7 +11,7 @@ import pytest
 
 from k2jax import envs
 from k2jax.configs import tts_tiny
-from k2jax.experiments import sweep, tts
+from k2jax.experiments import sweep, training, tts
 
 
 def _score_bound(k, n, z, upper):
@@ -127,12 +127,24 @@ def test_bad_grids_are_refused_before_any_compute(change, message):
     tts.make_plan(cfg, None, trained_here=True)
 
 
-def test_cli_bad_axis_is_one_line_and_nonzero(tmp_path):
+@pytest.mark.parametrize("flags,message", [
+    (["--axes=parallel,bogus"], "unknown axis 'bogus' in --axes"),
+    (["--checkpoint=/nonexistent/run"], "does not exist"),
+])
+def test_cli_errors_are_one_line_and_nonzero(tmp_path, flags, message):
+  workdir = tmp_path / "w"
   proc = subprocess.run([sys.executable, "-c", "from k2jax.experiments.tts import run_cli; run_cli()",
-                         f"--workdir={tmp_path}", "--axes=parallel,bogus"], capture_output=True, text=True, timeout=120)
+                         f"--workdir={workdir}", *flags], capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "unknown axis 'bogus' in --axes" in proc.stderr and "Traceback" not in proc.stderr
-  assert not list(tmp_path.iterdir())  # nothing written
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert not workdir.exists()  # nothing written
+
+
+def test_help_lists_the_flags():
+  proc = subprocess.run([sys.executable, "-c", "from k2jax.experiments.tts import run_cli; run_cli()", "--help"],
+                        capture_output=True, text=True, timeout=120)
+  for flag in ("--workdir", "--axes", "--checkpoint", "--hf_dir", "--mesh", "--config"):
+    assert flag in proc.stdout, flag
 
 
 def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys):
@@ -141,6 +153,7 @@ def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys
   cfg.train.examples_per_env = {"arith": 24, "lookup": 8}
   cfg.train.sft.num_steps, cfg.train.sft.data.batch_size, cfg.train.sft.data.seq_len = 2, 4, 256
   cfg.train.sft.progress_bar = False
+  cfg.train.rl.num_steps = 0  # the RL run is covered by the RL tests; here the warm start is the model
   results = tts.run(cfg, tmp_path, progress=False)
   assert [(r.axis, r.value) for r in results] == [("thinking_budget", 0), ("thinking_budget", 4), ("tool_steps", 0),
                                                    ("tool_steps", 1), ("parallel", 1), ("parallel", 2), ("heavy", 1)]
@@ -165,4 +178,20 @@ def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys
   assert [r.axis for r in again] == ["parallel", "parallel"]
   cfg.train.sft.num_steps = 3
   with pytest.raises(ValueError, match="other training settings"):
+    tts.run(cfg, tmp_path, progress=False)
+
+
+@pytest.mark.skipif(not training.rl_available(), reason="the RL loop (k2jax.train.rl) is not installed")
+def test_rl_step_axis_measures_the_models_the_rl_run_saved(tmp_path):
+  cfg = _cfg(rl_step=(0, 2))
+  cfg.n_problems, cfg.batch_size, cfg.max_new_tokens, cfg.max_len = 2, 4, 16, 256
+  cfg.train.examples_per_env = {"arith": 24, "lookup": 8}
+  cfg.train.sft.num_steps, cfg.train.sft.data.batch_size, cfg.train.sft.progress_bar = 1, 4, False
+  cfg.train.rl.update({"num_steps": 2, "checkpoint_every": 1, "prompts_per_step": 2, "samples_per_prompt": 2,
+                       "eval_every": 0})
+  results = tts.run(cfg, tmp_path, progress=False)
+  assert [(r.axis, r.value) for r in results] == [("rl_step", 0), ("rl_step", 2)]
+  assert sorted(int(p.name) for p in (tmp_path / "rl" / "checkpoints").iterdir()) == [1, 2]
+  cfg.axes.rl_step = (0, 3)
+  with pytest.raises(tts.SweepError, match=r"rl_step values \[3\] are not saved"):
     tts.run(cfg, tmp_path, progress=False)

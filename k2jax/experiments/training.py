@@ -51,6 +51,50 @@ def _write_jsonl(path: Path, conversations) -> None:
   tmp.replace(path)
 
 
+def rl_config(cfg) -> ml_collections.ConfigDict:
+  """k2-rl's default config with the sweep's overrides (`cfg.train.rl`), starting from the warm start."""
+  from k2jax.train.rl import runner  # noqa: PLC0415
+  rl_cfg = runner.default_config()
+  rl_cfg.update(cfg.train.rl.to_dict())
+  return rl_cfg
+
+
+def rl_available() -> bool:
+  import importlib.util  # noqa: PLC0415
+  try:
+    return importlib.util.find_spec("k2jax.train.rl.runner") is not None
+  except ModuleNotFoundError:  # no k2jax.train.rl package at all
+    return False
+
+
+def check_rl_steps(cfg, rl_steps: list[int]) -> None:
+  """Every requested step is 0, the last RL step or a checkpoint step of the RL run."""
+  n, every = int(cfg.train.rl.num_steps), int(cfg.train.rl.checkpoint_every)
+  bad = [s for s in rl_steps if not (s == 0 or s == n or (0 < s < n and every and s % every == 0))]
+  if bad:
+    raise ValueError(f"rl_step values {bad} are not saved by the RL run (num_steps={n}, checkpoint_every={every})")
+
+
+def _rl(cfg, workdir: Path, sft_dir: Path, progress: bool) -> dict[int, Path]:
+  """RL from the warm start (k2-rl's loop), resumed or reused; its saved models by step."""
+  from k2jax.train import checkpointing  # noqa: PLC0415
+  from k2jax.train.rl import runner  # noqa: PLC0415
+  rl_cfg = rl_config(cfg)
+  rl_cfg.init_checkpoint = str(sft_dir)
+  rl_cfg.progress_bar = progress
+  rl_cfg.keep_checkpoints = max(rl_cfg.keep_checkpoints, rl_cfg.num_steps)  # every saved step is a point
+  rl_dir = workdir / "rl"
+  ckpt = checkpointing.Checkpointer(rl_dir, 1, False)
+  latest = ckpt.latest_step()
+  ckpt.close()
+  if latest != rl_cfg.num_steps:
+    runner.train_rl(rl_cfg, rl_dir)
+  else:
+    print(f"reusing the RL run in {rl_dir}")
+  root = rl_dir / checkpointing.CHECKPOINT_DIR
+  return {int(p.name): p for p in root.iterdir() if p.name.isdigit() and (p / "meta").exists()}
+
+
 def _record(cfg) -> dict:
   return json.loads(ml_collections.ConfigDict({"seed": cfg.seed, "envs": cfg.envs, "train": cfg.train})
                     .to_json_best_effort())
@@ -82,8 +126,11 @@ def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True) -
   dtype = params_lib.dtype_from_name(cfg.dtype)
   _, config = checkpointing.load_params_for_inference(sft_dir, dtype)
   saved = {0: sft_dir}
-  # TODO(rl): RL checkpoints at `rl_steps` from the RL loop (k2-rl), warm-started from sft_dir.
-  del rl_steps
+  if cfg.train.rl.num_steps > 0 and rl_available():
+    saved.update(_rl(cfg, workdir, sft_dir, progress))
+  missing = [s for s in rl_steps if s not in saved]
+  if missing:
+    raise ValueError(f"the RL run saved no model at steps {missing}; saved: {sorted(saved)}")
   steps = sorted(saved)
 
   def load(step: int) -> dict:

@@ -71,8 +71,18 @@ def make_plan(cfg: ml_collections.ConfigDict, axes_flag: list[str] | None = None
     axes[a] = values
   if not axes:
     raise SweepError("empty grid: no axis to measure (config.axes and --axes select none)")
-  if "rl_step" in axes and any(v < 0 for v in axes["rl_step"]):
-    raise SweepError(f"rl_step values must be >= 0, got {axes['rl_step']}")
+  if "rl_step" in axes:
+    from k2jax.experiments import training  # noqa: PLC0415
+    if not training.rl_available():
+      print("note: the RL loop (k2jax.train.rl) is not installed; the rl_step axis is skipped")
+      del axes["rl_step"]
+    else:
+      try:
+        training.check_rl_steps(cfg, axes["rl_step"])
+      except ValueError as e:
+        raise SweepError(str(e)) from None
+  if not axes:
+    raise SweepError("empty grid: no axis to measure (config.axes and --axes select none)")
   base = dict(cfg.base)
   if not trained_here:
     base["rl_step"] = -1
@@ -189,21 +199,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
   trained_here = not (checkpoint or hf_dir)
   plan = make_plan(cfg, axes, trained_here=trained_here)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   if trained_here:
+    workdir.mkdir(parents=True, exist_ok=True)
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
     store = training.prepare(cfg, workdir, rl_steps, progress=progress)
     models, config = store.params, store.config
     tokenizer = cli_common.load_tokenizer(None, config)
     source = {"trained_in": str(workdir), "rl_steps": store.rl_steps}
   else:
+    from k2jax.train.checkpointing import CheckpointError  # noqa: PLC0415
     try:
       params, config = cli_common.load_model(hf_dir, checkpoint, cfg.dtype)
-    except (ValueError, FileNotFoundError) as e:
+      tokenizer = cli_common.load_tokenizer(hf_dir, config, checkpoint)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
       raise SweepError(str(e)) from None
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a bad path leaves nothing
     models = lambda step: params  # noqa: E731
-    tokenizer = cli_common.load_tokenizer(hf_dir, config, checkpoint)
     source = {"checkpoint": checkpoint} if checkpoint else {"hf_dir": hf_dir}
   t_train = time.perf_counter() - t0
   results = run_sweep(cfg, plan, models, tokenizer, config, workdir, progress=progress, mesh=mesh)
