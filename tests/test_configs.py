@@ -85,7 +85,7 @@ def test_cli_prints_and_saves_the_resolved_run(tmp_path):
   work = tmp_path / "run"
   args = [f"--config={CONFIGS / 'sft_tiny.py'}", f"--workdir={work}", "--mesh=fsdp:2", "--config.init_from=", "--config.num_steps=2",
           "--config.eval_every=2", "--config.eval_batches=1", "--config.data.batch_size=2",
-          "--config.data.seq_len=32", "--config.progress_bar=False"]
+          "--config.data.seq_len=32", "--config.progress_bar=True"]
   args += [f"--config.model.{k}={v}" for k, v in SMALL_MODEL.items()]
   code = "import sys; from k2jax.train.trainer import run; sys.argv[0] = 'k2-train'; run()"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # 2 devices are enough here
@@ -97,6 +97,7 @@ def test_cli_prints_and_saves_the_resolved_run(tmp_path):
   assert "mesh: data:1,fsdp:2,expert:1,tensor:1" in out and "eval loss" in out
   assert f"checkpoint: {work.absolute()}/checkpoints/2" in out and f"k2-generate --checkpoint={work}" in out
   assert "Unable to initialize backend" not in res.stderr
+  assert "eval_loss=" in res.stderr  # the progress bar shows the eval loss
   saved = json.loads((work / "config.json").read_text())
   assert saved["resolved"]["mesh"] == "data:1,fsdp:2,expert:1,tensor:1" and saved["resolved"]["devices"] == 2
   assert saved["resolved"]["model"]["num_hidden_layers"] == 2 and saved["model"]["preset"] == "tiny"
