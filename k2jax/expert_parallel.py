@@ -35,12 +35,16 @@ def _local_expert_count(experts: dict) -> int:
   return experts["gate_edf"].shape[0]
 
 
-def _run_sorted(x_sd: jax.Array, src_m: jax.Array, local_e_m: jax.Array, experts: dict) -> jax.Array:
-  """Pairs (row src_m of x, local expert id; E_local = not here) -> outputs [M, D] in pair order."""
+def _run_sorted(x_sd: jax.Array, src_m: jax.Array, local_e_m: jax.Array, experts: dict,
+                partial: bool = False) -> jax.Array:
+  """Pairs (row src_m of x, local expert id; E_local = not here) -> outputs [M, D] in pair order.
+
+  `partial`: F is split over `tensor`, so these are partial sums, kept in fp32 until the psum (bf16
+  partials would add one rounding per shard)."""
   E = _local_expert_count(experts)
   order_m = jnp.argsort(local_e_m, stable=True)
   group_sizes_e = jnp.bincount(local_e_m, length=E + 1)[:E].astype(jnp.int32)
-  y_sorted = moe.expert_mlp(x_sd[src_m[order_m]], experts, group_sizes_e)
+  y_sorted = moe.expert_mlp(x_sd[src_m[order_m]], experts, group_sizes_e, jnp.float32 if partial else None)
   return jnp.zeros_like(y_sorted).at[order_m].set(y_sorted)
 
 
@@ -55,7 +59,7 @@ def _allgather_body(x_td, weights_tk, experts_tk, experts, *, tokens_split: bool
   local_tk = experts_tk - jax.lax.axis_index(EXPERT_AXIS) * E
   mine_tk = (local_tk >= 0) & (local_tk < E)
   local_m = jnp.where(mine_tk, local_tk, E).reshape(-1)
-  y_md = _run_sorted(x_td, jnp.arange(T * K) // K, local_m, experts)
+  y_md = _run_sorted(x_td, jnp.arange(T * K) // K, local_m, experts, partial=tensor)
   w_m = jnp.where(mine_tk, weights_tk, 0.0).reshape(-1, 1)
   y_td = (y_md.astype(jnp.float32) * w_m).reshape(T, K, -1).sum(1)
   if tokens_split:
@@ -115,7 +119,7 @@ def _all_to_all_body(x_td, weights_tk, experts_tk, experts, *, n: int, tensor: b
   x_recv = a2a(x_td[order_m // K], jnp.zeros((n * M, x_td.shape[1]), x_td.dtype),
                in_off_n, send_n, out_off_n, recv_n)
   e_recv = a2a(sorted_e % E, jnp.full((n * M,), E, sorted_e.dtype), in_off_n, send_n, out_off_n, recv_n)
-  y_recv = _run_sorted(x_recv, jnp.arange(n * M), e_recv, experts)
+  y_recv = _run_sorted(x_recv, jnp.arange(n * M), e_recv, experts, partial=tensor)
   # Back: each chunk returns to where its sender took it from.
   y_sorted = a2a(y_recv, jnp.zeros((M, y_recv.shape[1]), y_recv.dtype),
                  _exclusive_cumsum(recv_n), recv_n, _exclusive_cumsum(sent_nn, axis=1)[:, me], send_n)
@@ -150,8 +154,13 @@ def _expert_specs(experts: dict, tensor: bool) -> dict:
 
 
 def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh: Mesh,
-                      dispatch: str = "allgather", rules: Mapping[str, object] | None = None) -> jax.Array:
-  """`moe.routed_experts` with the experts split over the mesh's `expert` axis (see module docstring)."""
+                      dispatch: str = "allgather", rules: Mapping[str, object] | None = None,
+                      emulate: bool | None = None) -> jax.Array:
+  """`moe.routed_experts` with the experts split over the mesh's `expert` axis (see module docstring).
+
+  `emulate`: stand in for `ragged_all_to_all` (default: on CPU meshes only); False forces the real
+  collective, e.g. to export for TPU/GPU from a CPU mesh.
+  """
   if dispatch not in DISPATCHES:
     raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
   rules = sharding.DEFAULT_RULES if rules is None else rules
@@ -164,7 +173,7 @@ def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh
   token_axes = _token_axes(mesh, rules, x_td.shape[0])
   tokens_split = EXPERT_AXIS in token_axes
   if dispatch == "all_to_all" and tokens_split:
-    emulate = mesh.devices.flat[0].platform == "cpu"
+    emulate = mesh.devices.flat[0].platform == "cpu" if emulate is None else emulate
     body = functools.partial(_all_to_all_body, n=n, tensor=tensor, emulate=emulate)
   else:  # tokens that cannot be split over `expert` gain nothing from an all-to-all
     body = functools.partial(_allgather_body, tokens_split=tokens_split, tensor=tensor)

@@ -42,12 +42,12 @@ def route(x_td: jax.Array, router_de: jax.Array, bias_e: jax.Array, c: K2Config)
   return Routing(weights_tk, experts_tk.astype(jnp.int32), scores_te)
 
 
-def grouped_matmul(x_md: jax.Array, w_edf, group_sizes_e: jax.Array) -> jax.Array:
+def grouped_matmul(x_md: jax.Array, w_edf, group_sizes_e: jax.Array, out_dtype=None) -> jax.Array:
   """Rows of `x` sorted by expert times that expert's matrix (dropless); `w` dense or INT4.
 
   The backend picks the kernel: Pallas grouped matmuls on TPU/GPU, row blocks per expert in XLA on CPU.
   """
-  return dispatch.grouped_matmul(x_md, w_edf, group_sizes_e)
+  return dispatch.grouped_matmul(x_md, w_edf, group_sizes_e, out_dtype=out_dtype)
 
 
 def dense_weight(w):
@@ -55,15 +55,16 @@ def dense_weight(w):
   return w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
 
 
-def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array) -> jax.Array:
+def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dtype=None) -> jax.Array:
   """SwiGLU of rows sorted by (local) expert; rows past sum(group_sizes) come out as zeros.
 
   The one place the expert weights are used (the dense reference aside), through `grouped_matmul`, so
   any weight format it accepts (dense or INT4) works here, on one device or expert-parallel.
+  `out_dtype` (default x's): fp32 for partial sums that are reduced afterwards (F split over devices).
   """
   h_mf = (jax.nn.silu(grouped_matmul(x_md, experts["gate_edf"], group_sizes_e))
           * grouped_matmul(x_md, experts["up_edf"], group_sizes_e))
-  y_md = grouped_matmul(h_mf, experts["down_efd"], group_sizes_e)
+  y_md = grouped_matmul(h_mf, experts["down_efd"], group_sizes_e, out_dtype)
   valid_m = jnp.arange(x_md.shape[0]) < group_sizes_e.sum()
   return jnp.where(valid_m[:, None], y_md, jnp.zeros_like(y_md))
 

@@ -156,3 +156,24 @@ def test_kernels_lower_for_tpu_and_cuda():
           jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args[name])
       text = exp.mlir_module()
       assert ("tpu_custom_call" if target == "tpu" else "xla.gpu.triton") in text, (target, name)
+
+
+@pytest.mark.parametrize("platform,mode", MODES)
+def test_bf16_gmm_forward_and_backward(platform, mode, data):
+  """The training kernel in bf16 (fp32 accumulation) against `ragged_dot` in fp32 on the same values."""
+  x, w, dout = (data[k].astype(jnp.bfloat16) for k in ("x", "w", "dout"))
+  sizes = data["sizes"]
+  f = lambda x, w: gmm(x, w, sizes, tiling=TILING, platform=platform, interpret=_interp(mode))
+  out, vjp = jax.vjp(f, x, w)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, sizes, precision=jax.lax.Precision.HIGHEST),
+                         f32(x), f32(w))
+  assert out.dtype == jnp.bfloat16
+  valid = sum(SIZES)
+  # Rounding the fp32-accumulated result to bf16 costs at most 2^-9 per element.
+  assert rel(out[:valid], ref[:valid]) < 4e-3
+  assert not np.asarray(out[valid:]).any()
+  (dx, dw), (dx_ref, dw_ref) = vjp(dout), vjp_ref(f32(dout))
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  assert rel(dx, dx_ref) < 4e-3 and rel(dw, dw_ref) < 4e-3
+  assert not np.asarray(dw)[[i for i, s in enumerate(SIZES) if s == 0]].any()

@@ -216,3 +216,79 @@ def test_sequence_aux_loss_enters_the_objective():
   # Gradients reach the router weights through the balance loss.
   g = jax.grad(lambda p: model.forward(p, c, tokens, aux_loss_alpha=1.0).aux_loss)(p)
   assert float(jnp.abs(g["moe_layers"]["moe"]["router_de"]).max()) > 0
+
+
+def _plain_max_logits(params, c, tokens, segments) -> np.ndarray:
+  """Per-head max pre-softmax logit of a one-layer model, recomputed in float64 numpy from the raw
+  weights (the layer's input is the embedding): the measure QK-Clip bounds, outside the model's code."""
+  from k2jax import rope  # noqa: PLC0415
+  a = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  stack = a["moe_layers"] if "moe_layers" in a else a["dense_layers"]
+  attn = {k: v[0] for k, v in stack["attn"].items()}
+
+  def norm(x, g, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
+
+  tokens, segments = np.asarray(tokens), np.asarray(segments)
+  x = norm(a["embed_vd"][tokens], stack["attn_norm_d"][0], c.rms_norm_eps)
+  if "q_a_dr" in attn:
+    q = np.einsum("btr,rnq->btnq", norm(x @ attn["q_a_dr"], attn["q_a_norm_r"], c.latent_norm_eps), attn["q_b_rnq"])
+  else:
+    q = np.einsum("btd,dnq->btnq", x, attn["q_dnq"])
+  kv = x @ attn["kv_a_da"]
+  k_nope = np.einsum("btc,cnu->btnu", norm(kv[..., :c.kv_lora_rank], attn["kv_a_norm_c"], c.latent_norm_eps),
+                     attn["kv_b_cnu"])[..., :c.qk_nope_head_dim]
+  pos = np.asarray(model.positions_from_segments(jnp.asarray(segments)), np.float64)
+  turn = np.exp(1j * pos[..., None] * rope.inv_frequencies(c.rope, c.qk_rope_head_dim)) * rope.attention_factor(c.rope)
+
+  def roped(v):  # interleaved pairs (v[2i], v[2i+1]) as complex numbers, rotated
+    return (v[..., 0::2] + 1j * v[..., 1::2]) * turn[:, :, None, :]
+
+  q_pe, k_pe = roped(q[..., c.qk_nope_head_dim:]), roped(kv[..., None, c.kv_lora_rank:])[:, :, 0]
+  logits = (np.einsum("btnk,bsnk->bnts", q[..., :c.qk_nope_head_dim], k_nope)
+            + np.einsum("btnp,bsp->bnts", q_pe, np.conj(k_pe)).real) * c.softmax_scale
+  T = tokens.shape[1]
+  mask = ((segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] != 0)
+          & (np.arange(T)[None, :, None] >= np.arange(T)[None, None, :]))
+  return np.where(mask[:, None], logits, -np.inf).max(axis=(0, 2, 3))
+
+
+def test_qk_clip_after_real_optimizer_steps():
+  """With lr > 0 the clip (from the step's own forward, as in K2) scales each clipped head's logits
+  by gamma = tau / S_before: after the step its max logit is gamma times what the unclipped update
+  gives, unclipped heads are untouched; checked with an independent plain-attention measure."""
+  cfg = small_config(num_steps=20, **{"model.num_hidden_layers": 1, "model.first_k_dense_replace": 0,
+                                      "optimizer.warmup_steps": 1})
+  c = presets.from_config_dict(cfg.model)
+  params = params_lib.init_params(c, jax.random.key(0))
+  ds = data.PackedDataset(data.load_split("synthetic", "train"), 4, 64)
+  tx, sched = ts.make_optimizer(cfg)
+  free_step = ts.make_train_step(c, _with(cfg, qk_clip_tau=0.0), tx, sched)
+  state = ts.init_state(jax.tree.map(jnp.copy, params), tx)
+  for _ in range(3):  # real steps first, so the state has moved
+    state, _ = free_step(state, ds.next_batch())
+  batch = ds.next_batch()
+  s_before = _plain_max_logits(state.params, c, batch["tokens"], batch["segment_ids"])
+  tau = float(np.median(s_before))  # half the heads over it
+  clip_step = ts.make_train_step(c, _with(cfg, qk_clip_tau=tau), tx, sched)
+  copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731  (the steps donate their state)
+  clipped_state, m = clip_step(copy(state), batch)
+  free_state, _ = free_step(copy(state), batch)
+  assert float(m["lr"]) > 0
+  np.testing.assert_allclose(float(m["max_attn_logit"]), s_before.max(), rtol=1e-5)  # the model's measure
+  s_clip = _plain_max_logits(clipped_state.params, c, batch["tokens"], batch["segment_ids"])
+  s_free = _plain_max_logits(free_state.params, c, batch["tokens"], batch["segment_ids"])
+  hot = s_before > tau
+  assert hot.any() and (~hot).any()
+  assert np.abs(s_free / s_before - 1).max() > 1e-3  # the update itself moved the logits
+  gamma = np.where(hot, tau / s_before, 1.0)
+  np.testing.assert_allclose(s_clip, gamma * s_free, rtol=1e-5)
+  # So a clipped head lands within the update's own growth of tau.
+  assert np.all(np.abs(s_clip[hot] / tau - 1) <= np.abs(s_free[hot] / s_before[hot] - 1) + 1e-5)
+
+
+def _with(cfg, **overrides):
+  cfg = cfg.copy_and_resolve_references()
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
