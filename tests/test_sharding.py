@@ -190,29 +190,32 @@ def _nll(out, tokens, segments):
   return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0] * w) / jnp.sum(w)
 
 
-@pytest.mark.parametrize("spec,moe_impl", [("data:2,expert:4", "ep"), ("expert:4,tensor:2", "ep_a2a")])
-def test_bf16_sharded_forward_and_gradients(setup, spec, moe_impl):
-  """bf16 parameters: the sharded run is as close to fp32 as the single-device bf16 run is."""
+def _logits_and_grads(p, tokens, segments, moe_impl):
+  """(logits, gradient of the next-token loss) in one jit (one compile)."""
+  def loss(p):
+    out = model_lib.forward(p, C, tokens, segment_ids_bt=segments, moe_impl=moe_impl)
+    return _nll(out, tokens, segments), out.logits
+  (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
+  return logits, g
+
+
+@pytest.fixture(scope="module")
+def bf16_refs(setup):
+  """bf16 parameters; fp32 compute on the same values (the reference) and the single-device bf16 run."""
   p, tokens, segments, _ = setup
   p16 = params_lib.cast(p, jnp.bfloat16)
-  p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p16)  # the same values, computed in fp32
+  ref = _logits_and_grads(jax.tree.map(lambda x: x.astype(jnp.float32), p16), tokens, segments, "ragged")
+  return p16, ref, _logits_and_grads(p16, tokens, segments, "ragged")
 
-  def run(p, impl):
-    out = model_lib.forward(p, C, tokens, segment_ids_bt=segments, moe_impl=impl)
-    return out.logits, _nll(out, tokens, segments)
 
-  def grads(p, impl):
-    return jax.grad(lambda p: run(p, impl)[1])(p)
-
-  ref_logits, _ = jax.jit(lambda p: run(p, "ragged"))(p32)
-  ref_g = jax.jit(lambda p: grads(p, "ragged"))(p32)
-  single_logits, _ = jax.jit(lambda p: run(p, "ragged"))(p16)
-  single_g = jax.jit(lambda p: grads(p, "ragged"))(p16)
+@pytest.mark.parametrize("spec,moe_impl", [("data:2,expert:4", "ep"), ("expert:4,tensor:2", "ep_a2a")])
+def test_bf16_sharded_forward_and_gradients(setup, bf16_refs, spec, moe_impl):
+  """bf16 parameters: the sharded run is as close to fp32 as the single-device bf16 run is."""
+  _, tokens, segments, _ = setup
+  p16, (ref_logits, ref_g), (single_logits, single_g) = bf16_refs
   mesh = sharding.make_mesh(spec)
-  placed = sharding.place_params(p16, C, mesh)
   with sharding.use_mesh(mesh):
-    logits, _ = jax.jit(lambda p: run(p, moe_impl))(placed)
-    g = jax.jit(lambda p: grads(p, moe_impl))(placed)
+    logits, g = _logits_and_grads(sharding.place_params(p16, C, mesh), tokens, segments, moe_impl)
   assert logits.dtype == jnp.float32 and g["embed_vd"].dtype == jnp.bfloat16
   single_err = rel_err(single_logits, ref_logits)
   assert 1e-4 < single_err < 5e-2  # bf16 really was used, and is sane
