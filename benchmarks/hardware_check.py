@@ -161,7 +161,9 @@ def expert_parallel_checks(reduced: bool, reps: int) -> list[Row]:
   else:  # one device: the real ragged all-to-all over an `expert` axis of 1
     body = functools.partial(expert_parallel._all_to_all_body, n=1, tensor=False,  # noqa: SLF001
                              emulate=devices[0].platform == "cpu")
-    run = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P())
+    # Tokens "split" over the 1-device expert axis, as the multi-device path splits them.
+    tok = P(expert_parallel.EXPERT_AXIS)
+    run = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(expert_parallel.EXPERT_AXIS)), out_specs=tok)
 
     def fn(x, r, e):
       rt = route(x, r, jnp.zeros(E))
