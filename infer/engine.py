@@ -15,7 +15,7 @@ import numpy as np
 
 from k2jax import model as model_lib
 from k2jax.config import K2Config
-from k2jax.infer.sampling import SamplingParams, sample
+from k2jax.infer.sampling import SamplingParams, sample_with_logprob
 
 
 @dataclasses.dataclass
@@ -24,6 +24,9 @@ class Generation:
   finish_reasons: list[str]        # "stop", "length"
   prompt_lengths: list[int]
   think_tokens: list[int]          # tokens spent inside <think> ... </think>
+  # log-prob of each generated token under the distribution it was sampled from (temperature, top-k,
+  # top-p; greedy: temperature 1); a `</think>` forced by the thinking budget gets 0.
+  logprobs: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 def _bucket(n: int, max_len: int, minimum: int = 16) -> int:
@@ -61,11 +64,11 @@ class Engine:
       state, cache = carry
       out = model_lib.forward(params, self.config, state.token_b[:, None], cache=cache, moe_impl=self.moe_impl)
       key, sub = jax.random.split(state.key)
-      state = _emit(sample(out.logits[:, 0], sub, sp), dataclasses.replace(state, key=key), rules)
-      return (state, out.cache), (state.token_b, state.valid_b)
+      state = _emit(*sample_with_logprob(out.logits[:, 0], sub, sp), dataclasses.replace(state, key=key), rules)
+      return (state, out.cache), (state.token_b, state.logprob_b, state.valid_b)
 
-    (state, cache), (tokens_nb, valid_nb) = jax.lax.scan(step, (state, cache), None, length=n_steps)
-    return state, cache, tokens_nb, valid_nb
+    (state, cache), (tokens_nb, logprobs_nb, valid_nb) = jax.lax.scan(step, (state, cache), None, length=n_steps)
+    return state, cache, tokens_nb, logprobs_nb, valid_nb
 
   def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, model_lib.Cache]:
     """Logits after each prompt [B, V] and the filled cache."""
@@ -109,29 +112,33 @@ class Engine:
     key, sub = jax.random.split(key)
     # A prompt that ends inside an open <think> block starts the budget at once.
     in_think = np.array([bool(think_ids) and _open_think(p, think_ids) for p in prompts])
-    state = _State(token_b=jnp.zeros((B,), jnp.int32), key=key, in_think_b=jnp.asarray(in_think),
-                   used_b=jnp.zeros((B,), jnp.int32), done_b=jnp.zeros((B,), bool), valid_b=jnp.ones((B,), bool))
-    state = _emit(sample(logits_bv, sub, sampling), state, rules)
+    state = _State(token_b=jnp.zeros((B,), jnp.int32), logprob_b=jnp.zeros((B,), jnp.float32), key=key,
+                   in_think_b=jnp.asarray(in_think), used_b=jnp.zeros((B,), jnp.int32),
+                   done_b=jnp.zeros((B,), bool), valid_b=jnp.ones((B,), bool))
+    state = _emit(*sample_with_logprob(logits_bv, sub, sampling), state, rules)
     out: list[list[int]] = [[] for _ in range(B)]
-    blocks = [(np.asarray(state.token_b)[None], np.asarray(state.valid_b)[None])]
+    out_logp: list[list[float]] = [[] for _ in range(B)]
+    blocks = [(np.asarray(state.token_b)[None], np.asarray(state.logprob_b)[None], np.asarray(state.valid_b)[None])]
     produced = 1
     while True:
-      for tokens_nb, valid_nb in blocks:
-        for toks, valid in zip(tokens_nb, valid_nb):
+      for tokens_nb, logprobs_nb, valid_nb in blocks:
+        for toks, logps, valid in zip(tokens_nb, logprobs_nb, valid_nb):
           for b in np.flatnonzero(valid):
             if len(out[b]) < max_new_tokens:
               out[b].append(int(toks[b]))
+              out_logp[b].append(float(logps[b]))
               if on_token:
                 on_token(int(b), int(toks[b]))
       if produced >= max_new_tokens or bool(np.asarray(state.done_b).all()):
         break
       n = min(chunk, max_new_tokens - produced)
-      state, cache, tokens_nb, valid_nb = self._decode_chunk(self.params, state, cache, rules, sampling, n)
-      blocks = [(np.asarray(tokens_nb), np.asarray(valid_nb))]
+      state, cache, tokens_nb, logprobs_nb, valid_nb = self._decode_chunk(self.params, state, cache, rules,
+                                                                          sampling, n)
+      blocks = [(np.asarray(tokens_nb), np.asarray(logprobs_nb), np.asarray(valid_nb))]
       produced += n
     stop = set(int(i) for i in stop_ids)
     reasons = ["stop" if toks and toks[-1] in stop else "length" for toks in out]
-    return Generation(out, reasons, [len(p) for p in prompts], np.asarray(state.used_b).tolist())
+    return Generation(out, reasons, [len(p) for p in prompts], np.asarray(state.used_b).tolist(), out_logp)
 
 
 @jax.tree_util.register_dataclass
@@ -139,6 +146,7 @@ class Engine:
 class _State:
   """Per-sequence decoding state carried across device steps."""
   token_b: jax.Array     # the token just emitted (fed next)
+  logprob_b: jax.Array   # its log-prob under the sampling distribution (0 when forced)
   key: jax.Array
   in_think_b: jax.Array  # inside an open <think> block
   used_b: jax.Array      # thinking tokens spent
@@ -154,7 +162,7 @@ class _Rules:
   budget: jax.Array      # thinking-token budget, -1: none
 
 
-def _emit(raw_b: jax.Array, state: _State, rules: _Rules) -> _State:
+def _emit(raw_b: jax.Array, logp_b: jax.Array, state: _State, rules: _Rules) -> _State:
   """Applies the thinking budget to a sampled token and updates the per-sequence state."""
   start, end = rules.think_ids[0], rules.think_ids[1]
   force = (rules.budget >= 0) & state.in_think_b & (state.used_b >= rules.budget)
@@ -164,4 +172,5 @@ def _emit(raw_b: jax.Array, state: _State, rules: _Rules) -> _State:
   in_think = jnp.where(opens, True, jnp.where(closes, False, state.in_think_b))
   valid = ~state.done_b
   done = state.done_b | jnp.isin(tok, rules.stop_ids)
-  return _State(tok, state.key, in_think, jnp.where(valid, used, state.used_b), done, valid)
+  return _State(tok, jnp.where(force, 0.0, logp_b), state.key, in_think, jnp.where(valid, used, state.used_b), done,
+                valid)

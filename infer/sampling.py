@@ -24,9 +24,26 @@ class SamplingParams:
 
 def sample(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
   """Next token per row [B] int32."""
+  return sample_with_logprob(logits_bv, key, sp)[0]
+
+
+def sample_with_logprob(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+  """Next token per row [B] int32 and its log-probability [B] fp32 under the distribution it was drawn
+  from (temperature, top-k and top-p applied); greedy decoding reports the temperature-1 log-probability."""
+  logits_bv = sampling_logits(logits_bv, sp)
+  if sp.temperature == 0:
+    token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  else:
+    token_b = jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+  logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+  return token_b, jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
+
+
+def sampling_logits(logits_bv: jax.Array, sp: SamplingParams) -> jax.Array:
+  """fp32 logits of the distribution tokens are drawn from (cut tokens at -inf)."""
   logits_bv = logits_bv.astype(jnp.float32)
   if sp.temperature == 0:
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return logits_bv
   logits_bv = logits_bv / sp.temperature
   if sp.top_k:
     kth = jax.lax.top_k(logits_bv, sp.top_k)[0][:, -1:]
@@ -38,4 +55,4 @@ def sample(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Arra
     before = jnp.cumsum(probs, axis=-1) - probs
     cutoff = jnp.min(jnp.where(before < sp.top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True)
     logits_bv = jnp.where(logits_bv < cutoff, -jnp.inf, logits_bv)
-  return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+  return logits_bv

@@ -127,10 +127,18 @@ def train_step(state: TrainState, batch: dict, *, c: K2Config, cfg: ml_collectio
   loss, grads, max_logits, load, n_tokens = loss_and_grads(
       state.params, c, batch, num_micro=cfg.micro_batches, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype),
       qat=cfg.qat, remat=cfg.remat, aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0), moe_impl=moe_impl_of(cfg))
+  state, metrics = apply_grads(state, grads, max_logits, load, c=c, cfg=cfg, tx=tx, schedule=schedule)
+  return state, {"loss": loss, "tokens": n_tokens, **metrics}
+
+
+def apply_grads(state: TrainState, grads: Any, max_logits: dict, load: jax.Array | None, *, c: K2Config,
+                cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                schedule: optax.Schedule) -> tuple[TrainState, dict]:
+  """The update shared by pre-training, SFT and RL: MuonClip, then QK-Clip on the new weights (from the
+  step's max attention logits), then the aux-loss-free router-bias update (from the expert load)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-             "tokens": n_tokens}
+  metrics = {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
   if cfg.qk_clip_tau > 0:
     params, clip_stats = qk_clip_lib.qk_clip(params, max_logits, c, tau=cfg.qk_clip_tau)
     metrics["max_attn_logit"] = clip_stats["qk_clip/max_logit"]

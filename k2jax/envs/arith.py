@@ -28,8 +28,8 @@ class ArithEnv:
   digits: int = 3
   word_frac: float = 0.25
   format_weight: float = 0.1
-  cut_frac: float = 0.15
-  empty_frac: float = 0.15
+  cut_frac: float = 0.1
+  empty_frac: float = 0.05
   aggregate_frac: float = 0.0
   name: str = "arith"
 

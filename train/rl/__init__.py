@@ -1,0 +1,1 @@
+"""Reinforcement learning on the shared model: K2's objective (and GRPO), engine rollouts, `k2-rl`."""

@@ -1,0 +1,312 @@
+"""k2-rl: RL of a K2 model on a verifiable environment, rollouts from the shared engine.
+
+  k2-rl --workdir=/tmp/rl                                  # embedded default: warm start, then RL
+  k2-rl --workdir=/tmp/rl --init_checkpoint=/tmp/sft --config.num_steps=100
+  k2-rl --workdir=/tmp/rl --config=configs/rl_tiny.py --config.objective=grpo
+
+Without an init checkpoint the run first fine-tunes the model on the environment's own warm-start
+conversations (WORKDIR/warm_start, a k2-train workdir; reused when already there). Writes
+WORKDIR/metrics.jsonl (one row per step, eval rows with eval_reward) and Orbax checkpoints that
+k2-generate / k2-chat --checkpoint and k2-rl --init_checkpoint load; restarting resumes with the
+same rollouts (keys and tasks follow from the step) and the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from k2jax import envs, presets
+from k2jax import params as params_lib
+from k2jax.envs.base import task_seeds
+from k2jax.infer.engine import Engine
+from k2jax.infer.sampling import SamplingParams
+from k2jax.train import checkpointing, data, trainer
+from k2jax.train import train_step as ts
+from k2jax.train.rl import learner, rollout as ro
+from k2jax.train.rl import loss as rl_loss
+
+WARM_START_DIR = "warm_start"
+
+
+def _default_config_path() -> str:
+  from k2jax import configs  # noqa: PLC0415
+  return str(Path(configs.__file__).parent / "rl_tiny.py")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  from k2jax.configs import rl_tiny  # noqa: PLC0415
+  return rl_tiny.get_config()
+
+
+def make_env(cfg: ml_collections.ConfigDict):
+  return envs.get(cfg.env, **dict(cfg.get("env_options") or {}))
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Clear errors for settings that cannot work, before anything is written."""
+  rl_loss.get_objective(cfg.objective)
+  if cfg.samples_per_prompt < 2:
+    raise ValueError(f"the {cfg.objective} objective needs samples_per_prompt (K) >= 2, got {cfg.samples_per_prompt}")
+  for name in ("prompts_per_step", "num_steps", "updates_per_batch", "max_turns", "turn_tokens", "response_tokens"):
+    if cfg[name] < 1:
+      raise ValueError(f"{name} must be >= 1, got {cfg[name]}")
+  make_env(cfg)
+
+
+def temperature_at(cfg: ml_collections.ConfigDict, step: int) -> float:
+  """Linear decay from `temperature` to `temperature_end` over `temperature_decay_steps`, rounded to
+  `temperature_quantum` so that only a few sampling programs are compiled."""
+  t0, t1, n = cfg.temperature, cfg.temperature_end, cfg.temperature_decay_steps
+  t = t0 if n <= 0 else t0 + (t1 - t0) * min(step / n, 1.0)
+  q = cfg.temperature_quantum
+  return round(round(t / q) * q, 6) if q else t
+
+
+# ------------------------------------------------------------------ warm start
+
+
+def warm_start_config(cfg: ml_collections.ConfigDict, data_path: Path) -> ml_collections.ConfigDict:
+  from k2jax.configs import sft_tiny  # noqa: PLC0415
+  w = cfg.warm_start
+  s = sft_tiny.get_config()
+  s.model = cfg.model
+  s.param_dtype, s.compute_dtype, s.seed = cfg.param_dtype, cfg.compute_dtype, cfg.seed
+  s.data.train, s.data.batch_size, s.data.seq_len = str(data_path), w.batch_size, w.seq_len
+  s.num_steps, s.optimizer.peak_lr, s.optimizer.end_lr = w.num_steps, w.peak_lr, w.peak_lr / 10
+  s.eval_every, s.checkpoint_every = 0, w.num_steps  # RL evaluates; no held-out loss here
+  s.log_every = max(1, w.num_steps // 10)
+  s.keep_checkpoints, s.async_checkpoints, s.progress_bar = 1, False, cfg.progress_bar
+  return s
+
+
+def write_sft_data(env, path: Path, n: int, seed: int = 0) -> None:
+  """The environment's warm-start conversations as k2-train jsonl ({"messages", "tools"} rows)."""
+  if path.exists():
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tools = {}
+  rows = []
+  for i, conv in enumerate(env.sft_examples(seed, n)):
+    calls = any(m.get("tool_calls") for m in conv)
+    if calls and not tools:
+      tools = env.reset(seed + i).tools
+    rows.append(json.dumps({"messages": conv, **({"tools": tools} if calls else {})}))
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+  tmp.replace(path)  # never a half-written file
+
+
+def warm_start(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+  """SFT on the environment's warm-start data into WORKDIR/warm_start (reused when finished)."""
+  wdir = Path(workdir) / WARM_START_DIR
+  if (wdir / checkpointing.CHECKPOINT_DIR / str(cfg.warm_start.num_steps)).is_dir():
+    return wdir
+  data_path = wdir / "sft.jsonl"
+  write_sft_data(make_env(cfg), data_path, cfg.warm_start.examples)
+  trainer.train(warm_start_config(cfg, data_path), wdir)
+  return wdir
+
+
+# ------------------------------------------------------------------ RL
+
+
+def _rollout_params(params: dict, cfg: ml_collections.ConfigDict) -> dict:
+  """What the engine samples with: the trainer's params in compute dtype; under QAT with real INT4
+  experts (the same quantiser the loss fake-quantises with)."""
+  p = params_lib.cast(params, params_lib.dtype_from_name(cfg.compute_dtype))
+  return params_lib.quantize_experts(p, ts.QAT_MODE) if cfg.qat else p
+
+
+def _spec(cfg) -> ro.RolloutSpec:
+  return ro.RolloutSpec(cfg.max_turns, cfg.turn_tokens, cfg.response_tokens, cfg.seq_len)
+
+
+def evaluate(engine: Engine, tokenizer, env, cfg) -> dict[str, float]:
+  """Greedy rollouts on the first `eval_tasks` held-out seeds."""
+  tasks = [env.reset(s) for s in task_seeds("eval", cfg.eval_tasks)]
+  samples = ro.rollout(engine, tokenizer, env, tasks, _spec(cfg), SamplingParams(temperature=0.0), jax.random.key(0))
+  scores = [env.score(s.task, s.trajectory) for s in samples]
+  return {"eval_reward": float(np.mean([r for r, _ in scores])),
+          "eval_correct": float(np.mean([i["correct"] for _, i in scores])),
+          "eval_response_len": float(np.mean([s.response_len for s in samples]))}
+
+
+def _ptx_data(cfg, env):
+  if not cfg.ptx_weight:
+    return None
+  rows = []
+  for i, conv in enumerate(env.sft_examples(seed=task_seeds("train", 1, start=cfg.warm_start.examples)[0], n=512)):
+    rows.append(data.chat_document(_tokenizer(), conv, env.reset(i).tools if any(m.get("tool_calls") for m in conv)
+                                   else None))
+  return data.PackedDataset(rows, cfg.ptx_batch_size, cfg.seq_len, seed=cfg.seed)
+
+
+def _tokenizer():
+  from k2jax import tokenizer_build  # noqa: PLC0415
+  return tokenizer_build.tiny_tokenizer()
+
+
+def _load_init(cfg, c, path) -> dict:
+  params, saved = checkpointing.load_params_for_inference(path, params_lib.dtype_from_name(cfg.param_dtype))
+  diff = checkpointing.config_differences(saved, c)
+  if diff:
+    lines = ", ".join(f"{k}: checkpoint {v[0]!r} vs run {v[1]!r}" for k, v in sorted(diff.items()))
+    raise checkpointing.CheckpointError(f"init checkpoint {path} is of another model config ({lines})")
+  return jax.device_put(params, jax.devices()[0])
+
+
+def step_rows(samples, scores, rewards) -> dict[str, float]:
+  return {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+          "env_reward_mean": float(np.mean([r for r, _ in scores])),
+          "correct_mean": float(np.mean([i["correct"] for _, i in scores])),
+          "response_len_mean": float(np.mean([s.response_len for s in samples])),
+          "truncated_frac": float(np.mean([s.truncated for s in samples])),
+          "tool_calls_mean": float(np.mean([s.trajectory.num_tool_calls for s in samples]))}
+
+
+# Runs in one process that agree on these share the jitted step and the engine (a resumed or repeated
+# run does not compile again).
+_STEP_FIELDS = ("objective", "tau", "clip_eps", "samples_per_prompt", "updates_per_batch", "num_steps", "optimizer",
+                "ptx_weight", "qat", "qk_clip_tau", "router_bias_u", "remat", "compute_dtype")
+_CACHE: dict[tuple, tuple] = {}
+
+
+def _compiled(c, cfg, tx, schedule):
+  key = (c, cfg.seq_len, cfg.turn_tokens,
+         json.dumps({k: cfg.get(k) for k in _STEP_FIELDS}, sort_keys=True, default=str))
+  if key not in _CACHE:
+    if len(_CACHE) >= 2:
+      _CACHE.pop(next(iter(_CACHE)))
+    # The cache holds the longest context plus one turn; prefill rounds prompts up to a power of two.
+    engine = Engine(None, c, max_len=2 * cfg.seq_len + cfg.turn_tokens, cache_dtype=params_lib.dtype_from_name(
+        cfg.compute_dtype))
+    _CACHE[key] = (learner.make_rl_step(c, cfg, tx, schedule), engine)
+  return _CACHE[key]
+
+
+def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
+  """Runs (or resumes) RL in `workdir`; returns the rows logged by this call (eval rows included)."""
+  check_config(cfg)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  c = presets.from_config_dict(cfg.model)
+  env, tok = make_env(cfg), _tokenizer()
+  tx, schedule = learner.make_optimizer(cfg)
+  ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, async_save=False)
+  ptx = _ptx_data(cfg, env)
+  start = ckpt.latest_step() or 0
+  if not start:
+    init = cfg.init_checkpoint or warm_start(cfg, workdir)
+    state = ts.init_state(_load_init(cfg, c, init), tx)
+  else:
+    like = jax.eval_shape(lambda: ts.init_state(params_lib.init_params(
+        c, jax.random.key(0), params_lib.dtype_from_name(cfg.param_dtype)), tx))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), like)
+    _, params, opt_state, meta = ckpt.restore(like.params, like.opt_state, c)
+    state = ts.TrainState(jnp.asarray(start * cfg.updates_per_batch, jnp.int32), params, opt_state)
+    if ptx is not None:
+      ptx.restore(meta["ptx_state"])
+  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  step_fn, engine = _compiled(c, cfg, tx, schedule)
+  engine.params = _rollout_params(state.params, cfg)
+  K, P = cfg.samples_per_prompt, cfg.prompts_per_step
+  end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, cfg.stop_after_steps)
+  logger, rows = trainer._Logger(workdir), []
+
+  def log(row):
+    rows.append(row)
+    logger.write(row)
+
+  meta_base = {"model_config": checkpointing.config_to_dict(c), "param_dtype": cfg.param_dtype,
+               "run_config": json.loads(cfg.to_json_best_effort())}
+  bar = _progress(cfg, start, end)
+  try:
+    if start == 0 and cfg.eval_every:
+      log({"step": 0, **evaluate(engine, tok, env, cfg)})
+    for step in range(start, end):
+      engine.params = _rollout_params(state.params, cfg)
+      seeds = task_seeds("train", P, start=cfg.warm_start.examples + step * P)
+      tasks = [env.reset(s) for s in seeds for _ in range(K)]
+      temp = temperature_at(cfg, step)
+      key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+      samples = ro.rollout(engine, tok, env, tasks, _spec(cfg), SamplingParams(temperature=temp), key)
+      scores = [env.score(s.task, s.trajectory) for s in samples]
+      shape_pk = lambda xs: np.asarray(xs).reshape(P, K)  # noqa: E731
+      rewards = rl_loss.shaped_rewards(
+          shape_pk([r for r, _ in scores]), shape_pk([i["correct"] for _, i in scores]),
+          shape_pk([s.response_len for s in samples]), shape_pk([s.truncated for s in samples]),
+          length_weight=cfg.length_penalty_weight, truncation_penalty=cfg.truncation_penalty).reshape(-1)
+      batch = {**ro.to_batch(samples, cfg.seq_len), "rewards": rewards}
+      state, metrics = step_fn(state, batch, ptx.next_batch() if ptx is not None else None)
+      done = step + 1
+      row = {"step": done, **step_rows(samples, scores, rewards), "temperature": temp,
+             **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+      if done % cfg.log_every == 0 or done == end:
+        log(row)
+      if bar is not None:
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", len=f"{row['response_len_mean']:.0f}")
+        bar.update(1)
+      if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+        engine.params = _rollout_params(state.params, cfg)
+        log({"step": done, **evaluate(engine, tok, env, cfg)})
+      if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
+        ckpt.save(done, state.params, state.opt_state,
+                  {**meta_base, "ptx_state": ptx.state() if ptx is not None else None})
+  finally:
+    if bar is not None:
+      bar.close()
+    logger.close()
+    ckpt.close()
+  return rows
+
+
+def _progress(cfg, start, end):
+  if not cfg.get("progress_bar", True):
+    return None
+  from tqdm import tqdm  # noqa: PLC0415
+  return tqdm(total=end, initial=start, desc="rl", dynamic_ncols=True)
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags, logging  # noqa: PLC0415
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  cfg = flags.FLAGS.config
+  if flags.FLAGS.init_checkpoint:
+    cfg.init_checkpoint = flags.FLAGS.init_checkpoint
+  try:
+    rows = train_rl(cfg, flags.FLAGS.workdir)
+  except (ValueError, checkpointing.CheckpointError, presets.ConfigError, FileNotFoundError) as e:
+    print(f"k2-rl: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  last = [r for r in rows if "reward_mean" in r]
+  if last:
+    print(json.dumps(last[-1]))
+
+
+def run() -> None:
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  from k2jax import cli  # noqa: PLC0415
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", _default_config_path(), "Run config file (ml_collections).")
+    flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and the warm start go here.")
+    flags.DEFINE_string("init_checkpoint", None, "k2-train / k2-rl workdir or step folder to start RL from "
+                        "(default: the embedded warm start).")
+    flags.mark_flag_as_required("workdir")
+  cli.run(main, [__name__])
+
+
+if __name__ == "__main__":
+  run()
