@@ -5,12 +5,13 @@
 """
 import ml_collections
 
+from k2jax import presets
 from k2jax.configs import train_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
-  cfg.model = train_tiny.model_section("tiny")
+  cfg.model = presets.model_config_section("tiny")
   cfg.param_dtype = "float32"
   cfg.compute_dtype = "float32"
   cfg.seed = 0
@@ -51,16 +52,18 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.qk_clip_tau = 100.0
   cfg.router_bias_u = 1e-3
   cfg.remat = "none"
+  cfg.moe_impl = "auto"
 
   cfg.optimizer = train_tiny.get_config().optimizer
-  cfg.optimizer.peak_lr = 1e-3
-  cfg.optimizer.end_lr = 1e-3
+  # Muon's step has a fixed size whatever the gradient's scale: RL's noisy gradients need a small one.
+  cfg.optimizer.peak_lr = 1e-4
+  cfg.optimizer.end_lr = 1e-4
   cfg.optimizer.warmup_steps = 0
   cfg.optimizer.decay_fraction = 0.0
 
   cfg.init_checkpoint = ""               # a k2-train / k2-rl workdir or step; '' = the warm start below
   cfg.warm_start = ml_collections.ConfigDict()
-  cfg.warm_start.num_steps = 200         # deliberately short: RL has room to improve
+  cfg.warm_start.num_steps = 300         # deliberately short: RL has room to improve
   cfg.warm_start.examples = 4000
   cfg.warm_start.batch_size = 16
   cfg.warm_start.seq_len = 128

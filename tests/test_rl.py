@@ -168,7 +168,7 @@ def test_pipeline_resume_and_checkpoints(tmp_path):
   runner.train_rl(_tiny_cfg(stop_after_steps=1, init_checkpoint=init), tmp_path / "b")
   runner.train_rl(_tiny_cfg(init_checkpoint=init), tmp_path / "b")
   resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-  assert resumed == full
+  assert [r for r in resumed if "resumed" not in r] == full
   # The checkpoint is what inference loads.
   params, c = checkpointing.load_params_for_inference(tmp_path / "b", jnp.float32)
   assert c == presets.TINY

@@ -29,7 +29,7 @@ def rl_step(state: ts.TrainState, batch: dict, ptx_batch: dict | None, *, c: K2C
   (prompt-major). Returns the new state and the last update's metrics."""
   objective = rl_loss.get_objective(cfg.objective)
   fwd = functools.partial(rl_loss.token_logprobs, c=c, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype),
-                          qat=cfg.qat, remat=cfg.remat)
+                          qat=cfg.qat, remat=cfg.remat, moe_impl=ts.moe_impl_of(cfg))
   mask = batch["mask"]
   logp_old_bt = jax.lax.stop_gradient(fwd(state.params, batch=batch)[0])
 
@@ -40,6 +40,7 @@ def rl_step(state: ts.TrainState, batch: dict, ptx_batch: dict | None, *, c: K2C
     total = pg
     if ptx_batch is not None:
       nll, (w, ptx_logits, ptx_load) = ts.loss_sums(params, c, ptx_batch, qat=cfg.qat, remat=cfg.remat,
+                                                    moe_impl=ts.moe_impl_of(cfg),
                                                     compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype))
       m["ptx_loss"] = nll / jnp.maximum(w, 1.0)
       total = pg + cfg.ptx_weight * m["ptx_loss"]

@@ -26,11 +26,11 @@ from k2jax.train import train_step as ts
 
 
 def token_logprobs(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
-                   remat: str = "none"):
+                   remat: str = "none", moe_impl: str = "ragged"):
   """(log π(target_t | tokens_≤t) [B, T] fp32, max attention logits, expert load) with the model's own
   forward, on the params the train step sees (compute dtype, fake-quantised experts under QAT)."""
   p = ts.compute_params(params, compute_dtype, qat)
-  out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat)
+  out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat, moe_impl=moe_impl)
   logp_btv = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
   logp_bt = jnp.take_along_axis(logp_btv, batch["targets"][..., None], axis=-1)[..., 0]
   return logp_bt, out.max_attn_logits, out.expert_load

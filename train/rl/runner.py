@@ -175,7 +175,7 @@ def step_rows(samples, scores, rewards) -> dict[str, float]:
 # Runs in one process that agree on these share the jitted step and the engine (a resumed or repeated
 # run does not compile again).
 _STEP_FIELDS = ("objective", "tau", "clip_eps", "samples_per_prompt", "updates_per_batch", "num_steps", "optimizer",
-                "ptx_weight", "qat", "qk_clip_tau", "router_bias_u", "remat", "compute_dtype")
+                "ptx_weight", "qat", "qk_clip_tau", "router_bias_u", "remat", "moe_impl", "compute_dtype")
 _CACHE: dict[tuple, tuple] = {}
 
 
@@ -220,7 +220,7 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
   engine.params = _rollout_params(state.params, cfg)
   K, P = cfg.samples_per_prompt, cfg.prompts_per_step
   end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, cfg.stop_after_steps)
-  logger, rows = trainer._Logger(workdir), []
+  logger, rows = trainer._Logger(workdir, start), []  # drops rows a killed run logged past its checkpoint
 
   def log(row):
     rows.append(row)
