@@ -95,6 +95,12 @@ def main(argv):
   stop = {config.eos_token_id} | (set(tok.stop_ids) if tok else set())
   think = (tok.id_of("<think>"), tok.id_of("</think>")) if tok and FLAGS.think_budget is not None else None
   longest = max(len(p) for p in prompts)
+  limit = config.max_position_embeddings  # positions past it are outside what the model was trained on
+  if longest > limit:
+    raise app.UsageError(f"the prompt has {longest} tokens, more than the model's max_position_embeddings={limit}")
+  if longest + FLAGS.max_new_tokens > limit:
+    raise app.UsageError(f"prompt ({longest} tokens) + --max_new_tokens={FLAGS.max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings={limit}")
   if FLAGS.heavy:  # the aggregation prompt carries every attempt's answer
     longest += FLAGS.heavy * (FLAGS.max_new_tokens + 16) + 128
   max_len = FLAGS.max_len or longest + FLAGS.max_new_tokens + 16

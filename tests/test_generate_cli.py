@@ -73,3 +73,14 @@ def test_tokenizer_is_the_checkpoints_own_or_a_clear_error(tmp_path):
   (tmp_path / "run").mkdir()  # k2-convert keeps the source's tokenizer in OUT/hf
   shutil.copytree(tmp_path / "tok", tmp_path / "run" / "hf")
   assert cli_common.load_tokenizer(None, presets.K2_THINKING, str(tmp_path / "run")).vocab_size == tiny.vocab_size
+
+
+def test_prompts_past_the_models_positions_are_refused(stop_model):
+  path, _ = stop_model
+  limit = presets.TINY.max_position_embeddings
+  for n, new, message in ((limit + 1, 1, f"more than the model's max_position_embeddings={limit}"),
+                          (limit - 2, 5, "--max_new_tokens=5 exceeds the model's max_position_embeddings")):
+    ids = ",".join(str(1 + i % 50) for i in range(n))
+    res = _generate(f"--hf_dir={path}", f"--prompt_ids={ids}", f"--max_new_tokens={new}")
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
