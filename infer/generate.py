@@ -61,6 +61,7 @@ def main(argv):
     raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
   if FLAGS.heavy and not (FLAGS.chat and FLAGS.prompt is not None and FLAGS.output == "text"):
     raise app.UsageError("--heavy needs --chat with a text --prompt and --output=text")
+  id_prompts = _parse_ids(FLAGS.prompt_ids) if FLAGS.prompt_ids is not None else None  # bad ids fail first
   import jax  # noqa: PLC0415
 
   from k2jax.infer import cli_common  # noqa: PLC0415
@@ -80,8 +81,8 @@ def main(argv):
     if FLAGS.prompt is not None or FLAGS.output == "text":
       raise app.UsageError(str(e)) from None
     tok = None
-  if FLAGS.prompt_ids is not None:
-    prompts = _parse_ids(FLAGS.prompt_ids)
+  if id_prompts is not None:
+    prompts = id_prompts
   else:
     text = FLAGS.prompt
     if FLAGS.chat:
