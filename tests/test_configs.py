@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # config file -> the entry point it is for (k2-train configs run here; others name the test that runs them)
 ENTRY_POINTS = {"train_tiny.py": "k2-train", "sft_tiny.py": "k2-train", "k2_thinking.py": "k2-train",
                 "from_workdir.py": "k2-train",
-                "tts_tiny.py": "tests/test_tts.py"}
+                "rl_tiny.py": "tests/test_rl.py", "tts_tiny.py": "tests/test_tts.py"}
 SMALL_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "n_routed_experts": 4, "moe_intermediate_size": 32}
 
 
