@@ -141,7 +141,7 @@ def format_table(results: list[sweep.PointResult]) -> str:
 
 
 def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, progress: bool = True,
-              mesh=None) -> list[sweep.PointResult]:
+              mesh=None, moe_impl: str = "ragged") -> list[sweep.PointResult]:
   """Measures every point of `plan`; `models(rl_step)` gives the parameters of that step."""
   from k2jax import envs  # noqa: PLC0415
   from k2jax import sharding  # noqa: PLC0415
@@ -163,7 +163,7 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
         if mesh is not None:
           params = sharding.place_params(params, config, mesh)
         if engine is None:
-          engine = Engine(params, config, max_len=cfg.max_len)
+          engine = Engine(params, config, max_len=cfg.max_len, moe_impl=moe_impl)
           generate = sweep.Generator(engine, tokenizer, batch_size=cfg.batch_size,
                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         engine.params = params  # same shapes: the compiled steps are reused
@@ -190,7 +190,7 @@ def _progress(total: int, enabled: bool):
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str | None = None,
         hf_dir: str | None = None, axes: list[str] | None = None, progress: bool = True,
-        mesh=None) -> list[sweep.PointResult]:
+        mesh=None, moe_impl: str = "ragged") -> list[sweep.PointResult]:
   """The whole job; returns the measured points (also written to `workdir`)."""
   from k2jax.experiments import training  # noqa: PLC0415
   from k2jax.infer import cli_common  # noqa: PLC0415
@@ -218,7 +218,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
     models = lambda step: params  # noqa: E731
     source = {"checkpoint": checkpoint} if checkpoint else {"hf_dir": hf_dir}
   t_train = time.perf_counter() - t0
-  results = run_sweep(cfg, plan, models, tokenizer, config, workdir, progress=progress, mesh=mesh)
+  results = run_sweep(cfg, plan, models, tokenizer, config, workdir, progress=progress, mesh=mesh,
+                      moe_impl=moe_impl)
   meta = {"model": source, "model_config": config.name, "config": json.loads(cfg.to_json_best_effort()),
           "axes": plan.axes, "env_of_axis": plan.env_of, "train_seconds": t_train,
           "total_seconds": time.perf_counter() - t0}
@@ -246,9 +247,10 @@ def main(argv) -> None:
   axes = [a for a in axes if a] if axes is not None else None
   try:
     mesh = sharding.mesh_from_flags() if FLAGS.mesh else None
+    moe_impl = sharding.moe_impl_from_flags(mesh)
     with sharding.use_mesh(mesh) if mesh is not None else _null():
       results = run(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, hf_dir=FLAGS.hf_dir, axes=axes,
-                    mesh=mesh)
+                    mesh=mesh, moe_impl=moe_impl)
   except SweepError as e:
     raise app.UsageError(str(e)) from None
   print(format_table(results))
