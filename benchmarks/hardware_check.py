@@ -25,12 +25,12 @@ if "--reduced" in sys.argv and "xla_force_host_platform_device_count" not in os.
 import dataclasses
 import datetime
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from benchmarks.timing import median_ms
 
 _REDUCED = flags.DEFINE_bool("reduced", False, "Small shapes, interpreted kernels (for CPU).")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed calls per check (median reported).")
@@ -61,16 +61,6 @@ def rel(a, b) -> float:
 
 def f32(a):
   return a.astype(jnp.float32)
-
-
-def median_ms(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def on_cpu(fn, *args):

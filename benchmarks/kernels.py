@@ -7,7 +7,6 @@ Shapes are K2's gate/up projection (D=7168 -> F=2048). "single" is one expert, x
 On CPU only the XLA paths run; the Pallas rows appear when a TPU or GPU backend is present.
 """
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from absl import app, flags
 
 from k2jax.int4 import QuantizedWeight
 from k2jax.kernels import dispatch
+from benchmarks.timing import median_ms
 
 _D = flags.DEFINE_integer("d", 7168, "input dim K")
 _F = flags.DEFINE_integer("f", 2048, "output dim N")
@@ -23,16 +23,6 @@ _EXPERTS = flags.DEFINE_integer("experts", 8, "experts in the grouped cases")
 _M = flags.DEFINE_list("m_per_expert", ["1", "8", "64"], "decode rows per expert")
 _PREFILL = flags.DEFINE_integer("prefill_rows", 512, "rows in the prefill case (0 to skip)")
 _REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
-
-
-def median_ms(fn, *args, reps):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def main(_):

@@ -11,8 +11,6 @@ scan, cache writes, norms, host work) shows as the difference. Widths as in `ben
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,18 +22,9 @@ from k2jax import model as model_lib
 from k2jax.infer.engine import Engine
 from k2jax.infer.sampling import SamplingParams, sample
 from k2jax.layers import swiglu_mlp
+from benchmarks.timing import median_ms
 
 BATCH = 8
-
-
-def _ms(fn, *args, reps):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
 
 
 def main():
@@ -70,19 +59,19 @@ def main():
     cache_pe = jnp.asarray(rng.standard_normal((BATCH, max_len, c.qk_rope_head_dim)), jnp.float32)
     start_b = jnp.full((BATCH,), start, jnp.int32)
     parts = {
-        f"attention x{c.num_hidden_layers}": c.num_hidden_layers * _ms(
+        f"attention x{c.num_hidden_layers}": c.num_hidden_layers * median_ms(
             attn_fn, moe_p["attn"], x, cache_c, cache_pe, start_b, reps=args.reps),
-        f"MoE layer x{n_moe}": n_moe * _ms(moe_fn, moe_p["moe"], x, reps=args.reps),
-        f"dense MLP x{n_dense}": n_dense * _ms(mlp_fn, x, dense_p["mlp"], reps=args.reps),
-        "head" + (" + sampling" if phase == "decode" else ""): _ms(head_fn, p["lm_head_dv"], x[:, -1],
+        f"MoE layer x{n_moe}": n_moe * median_ms(moe_fn, moe_p["moe"], x, reps=args.reps),
+        f"dense MLP x{n_dense}": n_dense * median_ms(mlp_fn, x, dense_p["mlp"], reps=args.reps),
+        "head" + (" + sampling" if phase == "decode" else ""): median_ms(head_fn, p["lm_head_dv"], x[:, -1],
                                                                     reps=args.reps),
     }
     prompts = rng.integers(0, 2000, (BATCH, PROMPT)).tolist()
     if phase == "prefill":
-      whole = _ms(lambda: engine.prefill(prompts)[0], reps=args.reps)
+      whole = median_ms(lambda: engine.prefill(prompts)[0], reps=args.reps)
     else:
-      pre = _ms(lambda: engine.prefill(prompts)[0], reps=args.reps)
-      gen = _ms(lambda: jnp.asarray(engine.generate(prompts, NEW).tokens), reps=max(1, args.reps // 2))
+      pre = median_ms(lambda: engine.prefill(prompts)[0], reps=args.reps)
+      gen = median_ms(lambda: jnp.asarray(engine.generate(prompts, NEW).tokens), reps=max(1, args.reps // 2))
       whole = (gen - pre) / NEW
     rows.append((phase, parts, whole))
   print(f"# width={args.width} (d={c.hidden_size}, {c.num_hidden_layers} layers, {c.n_routed_experts} experts "
