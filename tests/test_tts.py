@@ -11,7 +11,7 @@ import pytest
 
 from k2jax import envs
 from k2jax.configs import tts_tiny
-from k2jax.experiments import sweep, training, tts
+from k2jax.experiments import sweep, tts
 
 
 def _score_bound(k, n, z, upper):
@@ -181,7 +181,6 @@ def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys
     tts.run(cfg, tmp_path, progress=False)
 
 
-@pytest.mark.skipif(not training.rl_available(), reason="the RL loop (k2jax.train.rl) is not installed")
 def test_rl_step_axis_measures_the_models_the_rl_run_saved(tmp_path):
   cfg = _cfg(rl_step=(0, 2))
   cfg.n_problems, cfg.batch_size, cfg.max_new_tokens, cfg.max_len = 2, 4, 16, 256

@@ -59,14 +59,6 @@ def rl_config(cfg) -> ml_collections.ConfigDict:
   return rl_cfg
 
 
-def rl_available() -> bool:
-  import importlib.util  # noqa: PLC0415
-  try:
-    return importlib.util.find_spec("k2jax.train.rl.runner") is not None
-  except ModuleNotFoundError:  # no k2jax.train.rl package at all
-    return False
-
-
 def check_rl_steps(cfg, rl_steps: list[int]) -> None:
   """Every requested step is 0, the last RL step or a checkpoint step of the RL run."""
   n, every = int(cfg.train.rl.num_steps), int(cfg.train.rl.checkpoint_every)
@@ -126,7 +118,7 @@ def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True) -
   dtype = params_lib.dtype_from_name(cfg.dtype)
   _, config = checkpointing.load_params_for_inference(sft_dir, dtype)
   saved = {0: sft_dir}
-  if cfg.train.rl.num_steps > 0 and rl_available():
+  if cfg.train.rl.num_steps > 0:
     saved.update(_rl(cfg, workdir, sft_dir, progress))
   missing = [s for s in rl_steps if s not in saved]
   if missing:

@@ -73,14 +73,10 @@ def make_plan(cfg: ml_collections.ConfigDict, axes_flag: list[str] | None = None
     raise SweepError("empty grid: no axis to measure (config.axes and --axes select none)")
   if "rl_step" in axes:
     from k2jax.experiments import training  # noqa: PLC0415
-    if not training.rl_available():
-      print("note: the RL loop (k2jax.train.rl) is not installed; the rl_step axis is skipped")
-      del axes["rl_step"]
-    else:
-      try:
-        training.check_rl_steps(cfg, axes["rl_step"])
-      except ValueError as e:
-        raise SweepError(str(e)) from None
+    try:
+      training.check_rl_steps(cfg, axes["rl_step"])
+    except ValueError as e:
+      raise SweepError(str(e)) from None
   if not axes:
     raise SweepError("empty grid: no axis to measure (config.axes and --axes select none)")
   base = dict(cfg.base)
