@@ -45,8 +45,8 @@ def main():
     T = x.shape[1]
     q_index = start_b[:, None] + jnp.arange(T)[None]
     cos, sin = rope.cos_sin(c, q_index, x.dtype)
-    mask = jnp.arange(max_len)[None, None, :] <= q_index[:, :, None]
-    return attention.mla_absorbed(p_attn, x, c, cos, sin, mask, cache_c, cache_pe, start_b)[0]
+    mask = attention.Mask(jnp.ones(q_index.shape, jnp.int32), q_index)
+    return attention.mla_absorbed(p_attn, x, c, cos, sin, mask, cache_c[None], cache_pe[None], 0, start_b)[0]
 
   moe_fn = jax.jit(lambda p, x: moe.moe(p, x, c, jnp.ones(x.shape[:2], bool))[0])
   mlp_fn = jax.jit(swiglu_mlp)

@@ -65,14 +65,14 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
   return jnp.where(segment_ids_bt != 0, idx - start_idx, 0).astype(jnp.int32)
 
 
-def _layer(c: K2Config, is_moe: bool, moe_impl: str, fake_quant: str | None, aux_alpha: float, h_btd, p, layer_cache, cos, sin, mask_bts, valid_bt,
-           start_b):
+def _layer(c: K2Config, is_moe: bool, moe_impl: str, fake_quant: str | None, aux_alpha: float, attn_impl: str,
+           h_btd, p, layer_cache, cos, sin, mask, valid_bt, start_b):
   x = rms_norm(h_btd, p["attn_norm_d"], c.rms_norm_eps)
   if layer_cache is None:
-    attn_out, max_logit_n = attention.mla(p["attn"], x, c, cos, sin, mask_bts)
+    attn_out, max_logit_n = attention.mla(p["attn"], x, c, cos, sin, mask, attn_impl)
   else:
-    attn_out, max_logit_n, *layer_cache = attention.mla_absorbed(p["attn"], x, c, cos, sin, mask_bts,
-                                                                 *layer_cache, start_b)
+    attn_out, max_logit_n, *layer_cache = attention.mla_absorbed(p["attn"], x, c, cos, sin, mask, *layer_cache,
+                                                                 start_b, attn_impl)
   h_btd = constrain(h_btd + attn_out, ("batch", "seq", "embed"))
   x = rms_norm(h_btd, p["mlp_norm_d"], c.rms_norm_eps)
   if is_moe:
@@ -85,23 +85,38 @@ def _layer(c: K2Config, is_moe: bool, moe_impl: str, fake_quant: str | None, aux
 
 
 def _run_stack(c: K2Config, stack: dict, is_moe: bool, h_btd, stack_cache, ctx, moe_impl: str, remat: str,
-               fake_quant: str | None = None, aux_alpha: float = 0.0):
-  """Scans the layers of one stack; `stack_cache` is (c_kv [L,B,S,C], k_pe [L,B,S,P]) or None."""
-  body = functools.partial(_layer, c, is_moe, moe_impl, fake_quant, aux_alpha)
+               fake_quant: str | None = None, aux_alpha: float = 0.0, attn_impl: str = "flash"):
+  """Scans the layers of one stack; `stack_cache` is (c_kv [L,B,S,C], k_pe [L,B,S,P]) or None.
+
+  The cache stack rides in the scan's carry and each layer updates and reads its own rows of it in
+  place: passing it as scanned input/output would copy every layer's whole [B, S, .] cache each step.
+  """
+  body = functools.partial(_layer, c, is_moe, moe_impl, fake_quant, aux_alpha, attn_impl)
   if REMAT_POLICIES[remat] is not None:
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  if stack_cache is None:
+    def step(h, p):
+      h, (max_logit_n, load_e, aux, _) = body(h, p, None, *ctx)
+      return h, (max_logit_n, load_e, aux)
 
-  def step(h, xs):
-    p, layer_cache = xs
-    return body(h, p, layer_cache, *ctx)
+    h_btd, ys = jax.lax.scan(step, h_btd, stack)
+    return h_btd, (*ys, None)
 
-  return jax.lax.scan(step, h_btd, (stack, stack_cache))
+  def cached_step(carry, xs):
+    h, cache_c, cache_pe = carry
+    p, layer = xs
+    h, (max_logit_n, load_e, aux, (cache_c, cache_pe)) = body(h, p, (cache_c, cache_pe, layer), *ctx)
+    return (h, cache_c, cache_pe), (max_logit_n, load_e, aux)
+
+  n_layers = stack_cache[0].shape[0]
+  (h_btd, *stack_cache), ys = jax.lax.scan(cached_step, (h_btd, *stack_cache), (stack, jnp.arange(n_layers)))
+  return h_btd, (*ys, tuple(stack_cache))
 
 
 def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: jax.Array | None = None,
             segment_ids_bt: jax.Array | None = None, cache: Cache | None = None, moe_impl: str = "ragged",
             remat: str = "none", expert_fake_quant: str | None = None, aux_loss_alpha: float = 0.0,
-            logits_at_b: jax.Array | None = None, return_hidden: bool = False) -> Output:
+            logits_at_b: jax.Array | None = None, return_hidden: bool = False, attn_impl: str = "flash") -> Output:
   """The model: int tokens [B, T] -> Output with fp32 logits [B, T, V].
 
   `segment_ids_bt`: 0 marks padding; tokens attend only within their own segment (packed sequences).
@@ -115,6 +130,7 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   `Output.aux_loss`.
   `logits_at_b`: one position per row; logits come back [B, 1, V] for it alone (prefill needs only the
   last prompt token's, and the head over the whole prompt would cost T x vocab).
+  `attn_impl`: "flash" (blockwise, the default) or "plain" (full score matrix; the reference).
   """
   tokens_bt = jnp.asarray(tokens_bt, jnp.int32)
   B, T = tokens_bt.shape
@@ -126,25 +142,25 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   if cache is None:
     if positions_bt is None:
       positions_bt = positions_from_segments(segment_ids_bt)
-    mask_bts = attention.attention_mask(segment_ids_bt, index_bt, index_bt)
+    mask = attention.Mask(segment_ids_bt, index_bt, segment_ids_bt)
     start_b = None
   else:
     start_b = cache.lengths
     q_index_bt = start_b[:, None] + index_bt
     if positions_bt is None:
       positions_bt = q_index_bt
-    k_index_bs = jnp.broadcast_to(jnp.arange(cache.max_len), (B, cache.max_len))
     # Keys: everything already cached plus this call's valid tokens, causally.
-    mask_bts = (k_index_bs[:, None, :] <= q_index_bt[:, :, None]) & valid_bt[:, :, None]
+    mask = attention.Mask(valid_bt.astype(jnp.int32), q_index_bt)
   cos, sin = rope.cos_sin(c, positions_bt, h_btd.dtype)
-  ctx = (cos, sin, mask_bts, valid_bt, start_b)
+  ctx = (cos, sin, mask, valid_bt, start_b)
   max_logits, load, aux_loss, new_c, new_pe = {}, None, jnp.zeros((), jnp.float32), {}, {}
   for name, is_moe in (("dense_layers", False), ("moe_layers", True)):
     if name not in params:
       continue
     stack_cache = None if cache is None else (cache.c_kv[name], cache.k_pe[name])
     h_btd, (max_logits[name], stack_load, stack_aux, stack_cache) = _run_stack(
-        c, params[name], is_moe, h_btd, stack_cache, ctx, moe_impl, remat, expert_fake_quant, aux_loss_alpha)
+        c, params[name], is_moe, h_btd, stack_cache, ctx, moe_impl, remat, expert_fake_quant, aux_loss_alpha,
+        attn_impl)
     if is_moe:
       load, aux_loss = stack_load, stack_aux.sum()
     if cache is not None:
@@ -186,9 +202,9 @@ class K2Model(nnx.Module):
                         mesh_key=mesh_key, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("c", "moe_impl", "remat", "return_hidden", "mesh_key"))
+@functools.partial(jax.jit, static_argnames=("c", "moe_impl", "remat", "return_hidden", "mesh_key", "attn_impl"))
 def _jit_forward(p, c, tokens_bt, positions_bt, segment_ids_bt, moe_impl="ragged", remat="none",
-                 return_hidden=False, mesh_key=None):
+                 return_hidden=False, mesh_key=None, attn_impl="flash"):
   del mesh_key
   return forward(p, c, tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, moe_impl=moe_impl,
-                 remat=remat, return_hidden=return_hidden)
+                 remat=remat, return_hidden=return_hidden, attn_impl=attn_impl)

@@ -1,0 +1,117 @@
+"""Multi-head Latent Attention (MLA): the per-head path (training, prefill) and the absorbed path over the
+latent cache (decode, cached prefill). Both run blockwise online-softmax attention by default
+(`flash.py`: O(T * block) memory, only the keys a query can see); `impl="plain"` forms the full [B, N, T, S]
+scores and is the reference the blockwise path is tested against.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from k2jax import rope
+from k2jax.attention import flash
+from k2jax.attention.flash import NEG_INF, Mask, flash_attention, reference_attention
+from k2jax.config import K2Config
+from k2jax.layers import rms_norm
+from k2jax.sharding import constrain
+
+IMPLS = ("flash", "plain")
+
+__all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "mla", "mla_absorbed", "queries",
+           "write_latent"]
+
+
+def queries(p: dict, x_btd: jax.Array, c: K2Config) -> jax.Array:
+  """q [B, T, N, nope+rope] from the q-LoRA path or the single projection."""
+  if "q_a_dr" in p:
+    q_r = rms_norm(jnp.einsum("btd,dr->btr", x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps)
+    return jnp.einsum("btr,rnq->btnq", q_r, p["q_b_rnq"])
+  return jnp.einsum("btd,dnq->btnq", x_btd, p["q_dnq"])
+
+
+def latent(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp) -> tuple[jax.Array, jax.Array]:
+  """The per-token latent: normed c_kv [B, T, C] and roped shared k_pe [B, T, P] (what a cache stores)."""
+  kv_bta = jnp.einsum("btd,da->bta", x_btd, p["kv_a_da"])
+  c_btc = rms_norm(kv_bta[..., :c.kv_lora_rank], p["kv_a_norm_c"], c.latent_norm_eps)
+  k_pe_btp = rope.apply_rope(kv_bta[..., None, c.kv_lora_rank:], cos_btp, sin_btp)[:, :, 0]
+  return c_btc, k_pe_btp
+
+
+def attention_mask(segment_ids_bt: jax.Array, q_index_bt: jax.Array, k_index_bs: jax.Array,
+                   k_segment_ids_bs: jax.Array | None = None) -> jax.Array:
+  """[B, T, S]: causal by index, same segment, and no padding (segment id 0) on either side."""
+  k_seg = segment_ids_bt if k_segment_ids_bs is None else k_segment_ids_bs
+  same = segment_ids_bt[:, :, None] == k_seg[:, None, :]
+  valid = (segment_ids_bt[:, :, None] != 0) & (k_seg[:, None, :] != 0)
+  causal = k_index_bs[:, None, :] <= q_index_bt[:, :, None]
+  return same & valid & causal
+
+
+def _project(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp):
+  """q_nope [B,T,N,nope], roped q_pe [B,T,N,P], and the token's latent (c [B,T,C], roped k_pe [B,T,P])."""
+  nope = c.qk_nope_head_dim
+  q_btnq = constrain(queries(p, x_btd, c), ("batch", "seq", "heads", "qk_head"))
+  q_pe = rope.apply_rope(q_btnq[..., nope:], cos_btp, sin_btp)
+  return (q_btnq[..., :nope], q_pe, *latent(p, x_btd, c, cos_btp, sin_btp))
+
+
+def attend(q_parts, k_parts, v, mask: Mask, scale: float, impl: str = "flash", layer=None):
+  """Masked softmax attention with scores sum_i q_i . k_i; see `flash.flash_attention` for the layouts.
+  Returns (out [B, T, N, Dv], per-head max scaled logit over the valid entries [N] fp32)."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+  T, S = q_parts[0].shape[1], v.shape[1 if layer is None else 2]
+  # One tile covers everything: the blockwise loop would compute the same single tile, with loop overhead.
+  if impl == "flash" and (T > flash.BLOCK_Q or S > flash.BLOCK_K):
+    return flash_attention(q_parts, k_parts, v, mask, scale, layer=layer)
+  if layer is not None:
+    k_parts, v = [k[layer] for k in k_parts], v[layer]
+  return reference_attention(q_parts, k_parts, v, mask, scale)
+
+
+def mla(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask, impl: str = "flash"
+        ) -> tuple[jax.Array, jax.Array]:
+  """Returns (output [B, T, D], per-head max pre-softmax logit over the valid entries [N], fp32)."""
+  nope = c.qk_nope_head_dim
+  q_nope, q_pe, c_btc, k_pe_btp = _project(p, x_btd, c, cos_btp, sin_btp)
+  kv_btnu = jnp.einsum("btc,cnu->btnu", c_btc, p["kv_b_cnu"])
+  k_nope, v_btnh = kv_btnu[..., :nope], kv_btnu[..., nope:]
+  # Scores: the content part per head plus the rope part against the one shared k_pe.
+  out_btnh, max_logit_n = attend((q_nope, q_pe), (k_nope, k_pe_btp), v_btnh, mask, c.softmax_scale, impl)
+  return jnp.einsum("btnh,nhd->btd", out_btnh, p["o_nhd"]), max_logit_n
+
+
+def write_latent(cache_lbsx: jax.Array, new_btx: jax.Array, layer, start_b: jax.Array,
+                 valid_bt: jax.Array) -> jax.Array:
+  """Writes each row's valid new latents into layer `layer` of a cache stack at the row's own offset.
+  Padded tokens and anything past the cache are dropped (never clamped onto earlier entries)."""
+  B, T = valid_bt.shape
+  S = cache_lbsx.shape[2]
+  pos_bt = jnp.where(valid_bt, start_b[:, None] + jnp.arange(T), S)
+  rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+  return cache_lbsx.at[layer, rows_bt, pos_bt].set(new_btx.astype(cache_lbsx.dtype), mode="drop")
+
+
+def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask,
+                 cache_c_lbsc: jax.Array, cache_pe_lbsp: jax.Array, layer, start_b: jax.Array,
+                 impl: str = "flash"):
+  """MLA over the latent cache: W_UK folded into the query, W_UV applied after attention.
+
+  Only the normed latent c (kv_lora_rank) and the roped k_pe (rope dim) are cached per token: for K2 576
+  values per layer instead of 2 x heads x 128+ for per-head K/V. Same math as `mla`, reassociated: one
+  key/value (the latent) shared by every head. The cache is the whole stack [L, B, S, .] and `layer` the
+  layer's index, so a step writes and reads only its own rows and, blockwise, only the filled length.
+  Returns (output [B, T, D], max logit [N], updated cache c stack, updated cache k_pe stack).
+  """
+  nope = c.qk_nope_head_dim
+  q_nope, q_pe, c_btc, k_pe_btp = _project(p, x_btd, c, cos_btp, sin_btp)
+  valid_bt = mask.q_seg_bt != 0
+  cache_c_lbsc = write_latent(cache_c_lbsc, c_btc, layer, start_b, valid_bt)
+  cache_pe_lbsp = write_latent(cache_pe_lbsp, k_pe_btp, layer, start_b, valid_bt)
+  w_uk_cnk, w_uv_cnh = p["kv_b_cnu"][..., :nope], p["kv_b_cnu"][..., nope:]
+  q_lat_btnc = jnp.einsum("btnk,cnk->btnc", q_nope, w_uk_cnk)
+  o_lat_btnc, max_logit_n = attend((q_lat_btnc, q_pe), (cache_c_lbsc, cache_pe_lbsp), cache_c_lbsc, mask,
+                                   c.softmax_scale, impl, layer=layer)
+  out_btnh = jnp.einsum("btnc,cnh->btnh", o_lat_btnc.astype(x_btd.dtype), w_uv_cnh)
+  out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, p["o_nhd"])
+  return out_btd, max_logit_n, cache_c_lbsc, cache_pe_lbsp

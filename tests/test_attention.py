@@ -1,0 +1,76 @@
+"""Blockwise (flash) attention against the plain full-score path: values, max logits and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k2jax import model as model_lib, params as params_lib, presets
+from k2jax.attention import flash
+from k2jax.attention.flash import Mask, flash_attention, reference_attention
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+B, T, N, K, P, H = 2, 37, 3, 8, 4, 5
+# Packed segments (row 0: two documents), padding (segment 0) at the ends.
+SEG = np.array([[1] * 10 + [2] * 20 + [0] * 7, [1] * 30 + [0] * 7], np.int32)
+
+
+def _inputs(shared_v: bool, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q = (jax.random.normal(ks[0], (B, T, N, K)), jax.random.normal(ks[1], (B, T, N, P)))
+  k = (jax.random.normal(ks[2], (B, T, N, K)), jax.random.normal(ks[3], (B, T, P)))  # rope key shared by heads
+  v = jax.random.normal(ks[4], (B, T, H) if shared_v else (B, T, N, H))
+  return q, k, v
+
+
+@pytest.mark.parametrize("shared_v", [False, True])
+@pytest.mark.parametrize("blocks", [(8, 16), (16, 5), (64, 64)])
+def test_flash_equals_plain_values_max_logits_and_grads(shared_v, blocks):
+  q, k, v = _inputs(shared_v)
+  idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = Mask(jnp.asarray(SEG), idx, jnp.asarray(SEG))
+  valid = jnp.asarray(SEG != 0)[:, :, None, None]
+  w = jax.random.normal(jax.random.key(9), (B, T, N, H))
+
+  def run(fn, q, k, v):
+    out, mx = fn(q, k, v)
+    return jnp.sum(jnp.where(valid, out * w, 0.0)), (out, mx)
+
+  flash = lambda q, k, v: flash_attention(q, k, v, mask, 0.3, block_q=blocks[0], block_k=blocks[1])
+  plain = lambda q, k, v: reference_attention(q, k, v, mask, 0.3)
+  (_, (o1, m1)), g1 = jax.value_and_grad(lambda *a: run(flash, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, (o2, m2)), g2 = jax.value_and_grad(lambda *a: run(plain, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(np.where(valid, o1, 0), np.where(valid, o2, 0), atol=1e-5, rtol=1e-5)
+  assert np.all(np.asarray(o1)[SEG == 0] == 0)  # rows that see no key give 0, not NaN
+  np.testing.assert_allclose(m1, m2, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
+
+
+def test_flash_reads_a_layer_of_a_cache_stack():
+  """The absorbed layout: one shared key/value per token, read from layer 1 of a [L, B, S, .] stack."""
+  S, C = 40, 6
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = (jax.random.normal(ks[0], (B, 3, N, C)), jax.random.normal(ks[1], (B, 3, N, P)))
+  c_lbsc, pe_lbsp = jax.random.normal(ks[2], (2, B, S, C)), jax.random.normal(ks[3], (2, B, S, P))
+  start = jnp.array([5, 21])
+  mask = Mask(jnp.array([[1, 1, 0], [1, 1, 1]]), start[:, None] + jnp.arange(3))
+  got, m1 = flash_attention(q, (c_lbsc, pe_lbsp), c_lbsc, mask, 0.5, block_q=2, block_k=16, layer=1)
+  want, m2 = reference_attention(q, (c_lbsc[1], pe_lbsp[1]), c_lbsc[1], mask, 0.5)
+  valid = np.asarray(mask.q_seg_bt != 0)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(m1, m2, rtol=1e-6)
+
+
+def test_model_flash_equals_plain_logits(monkeypatch):
+  monkeypatch.setattr(flash, "BLOCK_Q", 16)  # several tiles at this short length
+  monkeypatch.setattr(flash, "BLOCK_K", 8)
+  c = presets.TINY_NO_QLORA
+  p = params_lib.init_params(c, jax.random.key(0), jnp.float32)
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 0, c.vocab_size)
+  o1, o2 = (model_lib.forward(p, c, tokens, segment_ids_bt=jnp.asarray(SEG), attn_impl=impl)
+            for impl in ("flash", "plain"))
+  valid = np.asarray(SEG != 0)
+  np.testing.assert_allclose(np.asarray(o1.logits)[valid], np.asarray(o2.logits)[valid], atol=1e-4, rtol=1e-5)
+  for name in o2.max_attn_logits:
+    np.testing.assert_allclose(o1.max_attn_logits[name], o2.max_attn_logits[name], rtol=1e-5)
