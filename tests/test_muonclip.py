@@ -373,3 +373,21 @@ def test_map_covers_the_models_own_parameter_tree(preset):
   omap = om.build_optimizer_map(tree)
   assert len(omap) == len(jax.tree.leaves(tree))
   assert {p.optimizer for p in omap.values()} == {"muon", "adamw", "none"}
+
+
+def test_matrices_adamw_is_optax_adamw_on_every_trained_leaf():
+  """matrices='adamw' (the RL option): every leaf but the router bias takes optax's AdamW step."""
+  params, lr, wd = make_params(), 1e-3, 0.1
+  g1, g2 = random_like(params, 3), random_like(params, 4)
+  ours, ref = muonclip(lr, weight_decay=wd, matrices="adamw"), optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8,
+                                                                          weight_decay=wd)
+  s, r = ours.init(params), ref.init(params)
+  for g in (g1, g2):  # two steps: the moments carry over
+    u, s = ours.update(g, s, params)
+    v, r = ref.update(g, r, params)
+  omap = om.build_optimizer_map(params)
+  for path, a, b in zip(omap, jax.tree.leaves(u), jax.tree.leaves(v)):
+    want = 0.0 if omap[path].optimizer == "none" else np.asarray(b)
+    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-9, err_msg=path)
+  with pytest.raises(ValueError, match="matrices must be"):
+    muonclip(lr, matrices="sgd")

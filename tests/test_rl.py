@@ -15,6 +15,8 @@ from k2jax.infer.engine import Engine, Generation
 from k2jax.infer.sampling import SamplingParams
 from k2jax.tokenizer_build import tiny_tokenizer
 from k2jax.train import checkpointing
+from k2jax.train import train_step as ts
+from k2jax.train.rl import learner
 from k2jax.train.rl import loss as rl_loss
 from k2jax.train.rl import rollout as ro
 from k2jax.train.rl import runner
@@ -140,6 +142,32 @@ def test_engine_logprobs_equal_trainer_logprobs(qat):
   if qat:  # the INT4 numbers matter: the plain model gives different log-probs
     plain, _, _ = rl_loss.token_logprobs(params, c, batch, qat=False)
     assert np.abs(np.asarray(plain)[m] - batch["engine_logprobs"][m]).max() > 1e-4
+
+
+def test_overfit_one_batch_moves_logprobs_by_advantage():
+  """Many updates on one fixed batch: the log-probs of samples with positive advantage rise, those with
+  negative advantage fall (the loss's sign, masks and optimizer wiring together)."""
+  c = presets.TINY
+  cfg = _tiny_cfg(samples_per_prompt=4, updates_per_batch=4, num_steps=3)
+  cfg.optimizer.matrices, cfg.optimizer.peak_lr, cfg.optimizer.end_lr = "adamw", 1e-3, 1e-3
+  rng = np.random.default_rng(0)
+  B, T = 8, 24
+  tokens = rng.integers(0, c.vocab_size, (B, T + 1)).astype(np.int32)
+  mask = np.zeros((B, T), np.float32)
+  mask[:, 8:20] = 1.0
+  rewards = np.array([1, 0, 0, 1, 0, 1, 1, 1], np.float32)  # two prompts x K=4
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+           "mask": mask, "engine_logprobs": np.zeros((B, T), np.float32), "rewards": rewards}
+  tx, schedule = learner.make_optimizer(cfg)
+  state = ts.init_state(params_lib.init_params(c, jax.random.key(0), jnp.float32), tx)
+  seq_logp = lambda p: np.sum(np.asarray(rl_loss.token_logprobs(p, c, batch)[0]) * mask, -1)  # noqa: E731
+  before = seq_logp(state.params)
+  step = learner.make_rl_step(c, cfg, tx, schedule)
+  for _ in range(cfg.num_steps):
+    state, _ = step(state, batch, None)
+  moved = seq_logp(state.params) - before
+  adv = rewards.reshape(2, 4) - rewards.reshape(2, 4).mean(-1, keepdims=True)
+  assert np.all(moved[adv.reshape(-1) > 0] > 0.05) and np.all(moved[adv.reshape(-1) < 0] < -0.05), (moved, adv)
 
 
 def _tiny_cfg(**kw):

@@ -118,13 +118,19 @@ def muonclip(
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,
     optimizer_map: Mapping[str, LeafPlan] | None = None,
+    matrices: str = "muon",
 ) -> optax.GradientTransformation:
   """K2's optimizer step as one optax transformation; `update` needs `params` (weight decay).
 
   optimizer_map: {path: LeafPlan} from `build_optimizer_map(params, rules)`; None builds it from the
   default rules. Both AdamW and Muon use the same learning rate (or schedule) and decoupled decay
   `lr * weight_decay * W`. Apply QK-Clip to the new params afterwards.
+
+  matrices: "muon", or "adamw" to give the matrix leaves AdamW too (RL: Muon's update has a fixed size
+  whatever the gradient's signal-to-noise, AdamW's shrinks where noisy gradients cancel in its momentum).
   """
+  if matrices not in ("muon", "adamw"):
+    raise ValueError(f"matrices must be 'muon' or 'adamw', got {matrices!r}")
 
   def plans_for(tree):
     return optimizer_map if optimizer_map is not None else build_optimizer_map(tree)
@@ -142,7 +148,8 @@ def muonclip(
   return optax.chain(
       _partition(
           {"muon": muon, "adamw": adamw, "none": optax.set_to_zero()},
-          lambda params: optimizer_labels(params, optimizer_map),
+          lambda params: jax.tree.map(lambda o: "adamw" if o == "muon" and matrices == "adamw" else o,
+                                      optimizer_labels(params, optimizer_map)),
       ),
       _cast_like_params(),
   )
