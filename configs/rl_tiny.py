@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   cfg.optimizer = train_tiny.get_config().optimizer
   # Muon's step has a fixed size whatever the gradient's scale: RL's noisy gradients need a small one.
+  cfg.optimizer.matrices = "muon"           # "adamw": AdamW on the matrices too
   cfg.optimizer.peak_lr = 1e-4
   cfg.optimizer.end_lr = 1e-4
   cfg.optimizer.warmup_steps = 0

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Environments (k2jax.envs) with their options; `env` is where an axis is measured unless `axis_env`
   # names another (tool use is measured where the answer needs a tool).
   cfg.envs = ml_collections.ConfigDict({
-      "arith": {"digits": 2},
+      "arith": {"digits": 2, "cut_frac": 0.2},
       "lookup": {"table_size": 6},
   })
   cfg.env = "arith"
@@ -38,12 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training of the embedded default (skipped with --checkpoint / --hf_dir; cached in the workdir).
   cfg.train = ml_collections.ConfigDict()
-  cfg.train.examples_per_env = ml_collections.ConfigDict({"arith": 4000, "lookup": 600})
-  cfg.train.aggregate_frac = 0.05   # share of warm-start examples that teach heavy mode's aggregation
+  cfg.train.examples_per_env = ml_collections.ConfigDict({"arith": 4000, "lookup": 1600})
+  cfg.train.aggregate_frac = 0.12   # share of warm-start examples that teach heavy mode's aggregation
   cfg.train.sft = sft_tiny.get_config()
   cfg.train.sft.data.seq_len = 256
   cfg.train.sft.data.batch_size = 12
-  cfg.train.sft.num_steps = 300
+  cfg.train.sft.num_steps = 400
   cfg.train.sft.optimizer.peak_lr = 3e-3
   cfg.train.sft.optimizer.end_lr = 3e-4
   cfg.train.sft.optimizer.warmup_steps = 10

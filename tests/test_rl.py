@@ -170,6 +170,28 @@ def test_overfit_one_batch_moves_logprobs_by_advantage():
   assert np.all(moved[adv.reshape(-1) > 0] > 0.05) and np.all(moved[adv.reshape(-1) < 0] < -0.05), (moved, adv)
 
 
+def test_ptx_term_enters_the_loss():
+  """ptx_weight > 0: the reported loss is the objective plus ptx_weight times the supervised NLL."""
+  c = presets.TINY
+  cfg = _tiny_cfg(samples_per_prompt=2, updates_per_batch=1, ptx_weight=0.5)
+  rng = np.random.default_rng(1)
+  B, T = 4, 16
+  toks = rng.integers(0, c.vocab_size, (2, B, T + 1)).astype(np.int32)
+  mask = np.ones((B, T), np.float32)
+  batch = {"tokens": toks[0, :, :-1], "targets": toks[0, :, 1:], "segment_ids": np.ones((B, T), np.int32),
+           "mask": mask, "engine_logprobs": np.zeros((B, T), np.float32),
+           "rewards": np.array([1, 0, 0, 1], np.float32)}
+  ptx = {"tokens": toks[1, :, :-1], "targets": toks[1, :, 1:], "segment_ids": np.ones((B, T), np.int32),
+         "weights": mask}
+  tx, schedule = learner.make_optimizer(cfg)
+  state = ts.init_state(params_lib.init_params(c, jax.random.key(0), jnp.float32), tx)
+  _, m = learner.rl_step(state, batch, ptx, c=c, cfg=cfg, tx=tx, schedule=schedule)
+  nll = -np.mean(np.asarray(rl_loss.token_logprobs(state.params, c, ptx)[0]))
+  np.testing.assert_allclose(m["ptx_loss"], nll, rtol=1e-5)
+  assert nll > 1.0  # an untrained model: the supervised term is far from 0
+  np.testing.assert_allclose(m["loss"], m["pg_loss"] + 0.5 * nll, rtol=1e-5)
+
+
 def _tiny_cfg(**kw):
   cfg = runner.default_config()
   cfg.prompts_per_step, cfg.samples_per_prompt, cfg.num_steps = 2, 2, 3

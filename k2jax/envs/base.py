@@ -107,9 +107,12 @@ def score_answer(env: Env, task: Task, trajectory: Any, format_weight: float) ->
 # ------------------------------------------------------------------ heavy-mode aggregation examples
 
 
-def aggregation_examples(env: Env, seed: int, n: int, num_candidates: int = 4) -> list[list[dict]]:
+def aggregation_examples(env: Env, seed: int, n: int, num_candidates: Sequence[int] = (1, 2, 4, 8)) -> list[list[dict]]:
   """Conversations teaching the aggregation pass of heavy mode (`infer/heavy.py`): the task, then the
-  candidate answers in heavy mode's own prompt, then the answer most candidates agree on."""
+  candidate answers in heavy mode's own prompt, then the answer most candidates agree on. Each example
+  has N candidates, N drawn from `num_candidates` (heavy mode runs with any N); the right answer holds a
+  strict plurality, often below half, and the wrong ones are near misses (one digit changed), as a
+  sampling model's are."""
   from k2jax.infer.agent import Trajectory  # noqa: PLC0415
   from k2jax.infer.heavy import DEFAULT_AGGREGATION_PROMPT, format_attempts  # noqa: PLC0415
   rng = random.Random(f"aggregate:{env.name}:{seed}")
@@ -117,21 +120,24 @@ def aggregation_examples(env: Env, seed: int, n: int, num_candidates: int = 4) -
   for i in range(n):
     task = env.reset(seed + i)
     right = spaced(task.answer)
-    # The right answer holds a strict plurality; the wrong ones are near misses (one digit changed).
-    n_right = rng.randint(num_candidates // 2 + (num_candidates % 2), num_candidates)
-    wrong = []
-    for _ in range(num_candidates - n_right):
-      digits = list(task.answer)
-      k = rng.randrange(len(digits))
-      digits[k] = str((int(digits[k]) + rng.randint(1, 9)) % 10)
-      wrong.append(spaced("".join(digits)))
+    size = rng.choice(tuple(num_candidates))
+    while True:
+      n_right = rng.randint(max(1, (size + 2) // 3), size)
+      wrong = []
+      for _ in range(size - n_right):
+        digits = list(task.answer)
+        k = rng.randrange(len(digits))
+        digits[k] = str((int(digits[k]) + rng.randint(1, 9)) % 10)
+        wrong.append(spaced("".join(digits)))
+      counts = collections.Counter([right] * n_right + wrong).most_common(2)
+      if counts[0][0] == right and (len(counts) == 1 or counts[1][1] < n_right):
+        break
     answers = [right] * n_right + wrong
     rng.shuffle(answers)
     attempts = format_attempts([Trajectory(messages=[], final_answer=a, stop_reason="answer") for a in answers])
     request = DEFAULT_AGGREGATION_PROMPT.format(n=len(answers), attempts=attempts)
-    votes = collections.Counter(answers).most_common(1)[0][0]
     out.append([*task.messages, {"role": "user", "content": request},
-                {"role": "assistant", "reasoning_content": "", "content": votes}])
+                {"role": "assistant", "reasoning_content": "", "content": right}])
   return out
 
 
