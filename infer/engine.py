@@ -15,6 +15,7 @@ import numpy as np
 
 from k2jax import model as model_lib
 from k2jax.config import K2Config
+from k2jax.kernels import dispatch
 from k2jax.infer.sampling import SamplingParams, sample_with_logprob
 
 
@@ -118,6 +119,8 @@ class Engine:
     state = _emit(*sample_with_logprob(logits_bv, sub, sampling), state, rules)
     out: list[list[int]] = [[] for _ in range(B)]
     out_logp: list[list[float]] = [[] for _ in range(B)]
+    # Per-layer weights on CPU: a stacked layer scan would copy every layer's weights on every token.
+    params = model_lib.unstack_layers(self.params) if dispatch.unstack_layers_for_decode() else self.params
     blocks = [(np.asarray(state.token_b)[None], np.asarray(state.logprob_b)[None], np.asarray(state.valid_b)[None])]
     produced = 1
     while True:
@@ -132,8 +135,8 @@ class Engine:
       if produced >= max_new_tokens or bool(np.asarray(state.done_b).all()):
         break
       n = min(chunk, max_new_tokens - produced)
-      state, cache, tokens_nb, logprobs_nb, valid_nb = self._decode_chunk(self.params, state, cache, rules,
-                                                                          sampling, n)
+      state, cache, tokens_nb, logprobs_nb, valid_nb = self._decode_chunk(params, state, cache, rules, sampling,
+                                                                          n)
       blocks = [(np.asarray(tokens_nb), np.asarray(logprobs_nb), np.asarray(valid_nb))]
       produced += n
     stop = set(int(i) for i in stop_ids)

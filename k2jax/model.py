@@ -84,16 +84,25 @@ def _layer(c: K2Config, is_moe: bool, moe_impl: str, fake_quant: str | None, aux
   return h_btd, (max_logit_n, load_e, aux, layer_cache)
 
 
-def _run_stack(c: K2Config, stack: dict, is_moe: bool, h_btd, stack_cache, ctx, moe_impl: str, remat: str,
+def _run_stack(c: K2Config, stack: dict | tuple, is_moe: bool, h_btd, stack_cache, ctx, moe_impl: str, remat: str,
                fake_quant: str | None = None, aux_alpha: float = 0.0, attn_impl: str = "flash"):
-  """Scans the layers of one stack; `stack_cache` is (c_kv [L,B,S,C], k_pe [L,B,S,P]) or None.
+  """Runs the layers of one stack; `stack_cache` is (c_kv [L,B,S,C], k_pe [L,B,S,P]) or None.
 
+  A stack of [L, ...] leaves runs as a `lax.scan` (one compiled layer); a tuple of per-layer trees
+  (`unstack_layers`) as a Python loop over the same layer function. Outputs are stacked [L, ...] either way.
   The cache stack rides in the scan's carry and each layer updates and reads its own rows of it in
   place: passing it as scanned input/output would copy every layer's whole [B, S, .] cache each step.
   """
   body = functools.partial(_layer, c, is_moe, moe_impl, fake_quant, aux_alpha, attn_impl)
   if REMAT_POLICIES[remat] is not None:
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  if isinstance(stack, tuple):
+    outs = []
+    for layer, p in enumerate(stack):
+      h_btd, (*ys, new_cache) = body(h_btd, p, None if stack_cache is None else (*stack_cache, layer), *ctx)
+      stack_cache = None if stack_cache is None else tuple(new_cache)
+      outs.append(tuple(ys))
+    return h_btd, (*jax.tree.map(lambda *a: jnp.stack(a), *outs), stack_cache)
   if stack_cache is None:
     def step(h, p):
       h, (max_logit_n, load_e, aux, _) = body(h, p, None, *ctx)
@@ -111,6 +120,23 @@ def _run_stack(c: K2Config, stack: dict, is_moe: bool, h_btd, stack_cache, ctx, 
   n_layers = stack_cache[0].shape[0]
   (h_btd, *stack_cache), ys = jax.lax.scan(cached_step, (h_btd, *stack_cache), (stack, jnp.arange(n_layers)))
   return h_btd, (*ys, tuple(stack_cache))
+
+
+@jax.jit
+def unstack_layers(params: dict) -> dict:
+  """The same parameters with each layer stack as a tuple of per-layer trees; `forward` takes either.
+
+  For decoding on XLA:CPU (`dispatch.unstack_layers_for_decode`): inside the jitted decode loop a stacked
+  [L, ...] weight is sliced, i.e. copied, layer by layer on every token (all routed experts of the
+  layer, ~250 MB per token at the small benchmark width); per-layer arrays are read in place. One copy
+  per `generate` call instead of one per token.
+  """
+  out = dict(params)
+  for name in ("dense_layers", "moe_layers"):
+    if name in params and not isinstance(params[name], tuple):
+      n = jax.tree.leaves(params[name])[0].shape[0]
+      out[name] = tuple(jax.tree.map(lambda a, l=l: a[l], params[name]) for l in range(n))
+  return out
 
 
 def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: jax.Array | None = None,

@@ -29,7 +29,7 @@ from k2jax.kernels.int4_matmul import int4_matmul, int4_matmul_ref
 IMPLS = ("auto", "pallas", "xla", "ragged")
 # Below this many multiply-adds for all E experts on all M rows, ragged_dot's E-fold work costs less
 # than gmm_xla's loops (per-iteration overhead, and compile time).
-RAGGED_MAX_MACS = 1 << 24
+RAGGED_MAX_MACS = 1 << 22
 DEFAULT_TILING: dict[tuple[str, str], Tiling] = {
     ("tpu", "dense"): gmm_mod.TPU_TILING,
     ("gpu", "dense"): gmm_mod.GPU_TILING,
@@ -84,6 +84,15 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
     return gmm_ref(lhs_mk, w, group_sizes, out_dtype=out_dtype)
   return gmm(lhs_mk, w, group_sizes, tiling=_tiling(platform, "dense", tiling), out_dtype=out_dtype,
              platform=platform, interpret=interpret)
+
+
+def unstack_layers_for_decode(backend: str | None = None) -> bool:
+  """Whether the engine decodes over per-layer weights (`model.unstack_layers`) instead of [L, ...] stacks.
+
+  XLA:CPU copies each layer's weights out of a stack on every decode step; elsewhere the stacked scan
+  stays (it compiles one layer, not 61, and TPU/GPU slice without the copy cost mattering as much).
+  """
+  return _platform(backend) == "cpu"
 
 
 def matmul(x, w, *, backend: str | None = None, impl: str = "auto", tiling: Tiling | None = None,

@@ -105,6 +105,22 @@ def test_packed_sequences_equal_separate_forwards():
   assert float(out.expert_load.sum()) == pytest.approx(15 * c.num_experts_per_tok * c.num_moe_layers)
 
 
+def test_unstacked_layers_equal_scanned_stack():
+  from k2jax.kernels import dispatch
+  assert dispatch.unstack_layers_for_decode("cpu") and not dispatch.unstack_layers_for_decode("tpu")
+  c = presets.TINY
+  p = params.init_params(c, jax.random.key(4))
+  toks = np.random.default_rng(5).integers(0, c.vocab_size, (2, 7))
+  cache = model_lib.init_cache(c, 2, 12, jnp.float32)
+  f = jax.jit(lambda p, cache: model_lib.forward(p, c, toks, cache=cache))
+  a, b = f(p, cache), f(model_lib.unstack_layers(p), cache)
+  assert rel_err(b.logits, a.logits) <= 1e-6
+  assert rel_err(b.max_attn_logits["moe_layers"], a.max_attn_logits["moe_layers"]) <= 1e-6
+  np.testing.assert_array_equal(b.expert_load, a.expert_load)
+  assert rel_err(b.cache.c_kv["moe_layers"], a.cache.c_kv["moe_layers"]) <= 1e-6
+  assert float(jnp.abs(a.cache.c_kv["moe_layers"][:, :, :7]).min()) > 0  # the cache was written
+
+
 def test_positions_from_segments():
   seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
   want = [[0, 1, 2, 0, 1, 0, 0, 0], list(range(8))]
