@@ -74,3 +74,17 @@ def test_model_flash_equals_plain_logits(monkeypatch):
   np.testing.assert_allclose(np.asarray(o1.logits)[valid], np.asarray(o2.logits)[valid], atol=1e-4, rtol=1e-5)
   for name in o2.max_attn_logits:
     np.testing.assert_allclose(o1.max_attn_logits[name], o2.max_attn_logits[name], rtol=1e-5)
+
+
+def test_write_latent_keeps_earlier_entries_near_the_end_of_the_cache():
+  """A padded chunk whose window would run past the cache: only the valid tokens land, nothing shifts."""
+  from k2jax.attention import write_latent
+  cache = jax.random.normal(jax.random.key(0), (2, 2, 10, 3))
+  new = jax.random.normal(jax.random.key(1), (2, 4, 3))
+  start = jnp.array([8, 1])
+  valid = jnp.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
+  got = np.asarray(write_latent(cache, new, 1, start, valid))
+  want = np.array(cache)
+  want[1, 0, 8:10] = new[0, :2]
+  want[1, 1, 1:4] = new[1, :3]
+  np.testing.assert_array_equal(got, want)

@@ -84,12 +84,22 @@ def mla(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask, im
 def write_latent(cache_lbsx: jax.Array, new_btx: jax.Array, layer, start_b: jax.Array,
                  valid_bt: jax.Array) -> jax.Array:
   """Writes each row's valid new latents into layer `layer` of a cache stack at the row's own offset.
-  Padded tokens and anything past the cache are dropped (never clamped onto earlier entries)."""
+
+  Each row rewrites a window of T slots that always lies inside the cache (slots not written keep their
+  contents), so padded tokens are never clamped onto earlier entries, and the update is an in-place
+  scatter of B x T slots: a masked or out-of-bounds write would make XLA select over the whole cache.
+  """
   B, T = valid_bt.shape
   S = cache_lbsx.shape[2]
-  pos_bt = jnp.where(valid_bt, start_b[:, None] + jnp.arange(T), S)
+  s0_b = jnp.clip(start_b, 0, S - T)
+  pos_bt = s0_b[:, None] + jnp.arange(T)
+  t_bt = pos_bt - start_b[:, None]  # which new token lands in each window slot
+  keep_bt = (t_bt >= 0) & jnp.take_along_axis(valid_bt, jnp.clip(t_bt, 0, T - 1), axis=1)
+  new_btx = jnp.take_along_axis(new_btx, jnp.clip(t_bt, 0, T - 1)[..., None], axis=1)
   rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  return cache_lbsx.at[layer, rows_bt, pos_bt].set(new_btx.astype(cache_lbsx.dtype), mode="drop")
+  old_btx = cache_lbsx[layer, rows_bt, pos_bt]
+  upd_btx = jnp.where(keep_bt[..., None], new_btx.astype(cache_lbsx.dtype), old_btx)
+  return cache_lbsx.at[layer, rows_bt, pos_bt].set(upd_btx, mode="promise_in_bounds")
 
 
 def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask,
