@@ -6,7 +6,8 @@ Widths: `tiny` (the tiny preset, d=64), `small` (d=512, 6 layers, 8 heads, q-LoR
 experts top-4, expert width 256, vocab 8192) and `medium` (d=1024, 12 layers, 64 experts top-8, K2's
 ratios of head and LoRA sizes to d, vocab 32768). Same random weights on both sides (saved by HF,
 loaded with `from_hf`), fp32. Prefill: batch 8 x prompt 128; decode: 64 new tokens (greedy) after that
-prompt, batch 1 and 8; train: batch 8 x 128 tokens, full step (k2jax MuonClip + QK-Clip vs torch AdamW).
+prompt, batch 1 and 8; train: batch 8 x 128 tokens, full step (k2jax MuonClip + QK-Clip vs torch AdamW,
+and k2jax with AdamW on every leaf, like for like).
 Each side and phase runs in its own process; medians. Prints the table rows for benchmarks/NOTES.md.
 """
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _train_batches(n):
   return [ds.next_batch() for _ in range(n)]
 
 
-def train_k2jax(args) -> dict:
+def train_k2jax(args, matrices: str = "muon") -> dict:
   import jax  # noqa: PLC0415
   from k2jax import params as params_lib  # noqa: PLC0415
   from k2jax.configs import train_tiny  # noqa: PLC0415
@@ -121,6 +122,7 @@ def train_k2jax(args) -> dict:
   c = width_config(args.width)
   cfg = train_tiny.get_config()
   cfg.num_steps = 1 + args.train_steps
+  cfg.optimizer.matrices = matrices
   tx, sched = ts.make_optimizer(cfg)
   state = jax.jit(lambda k: ts.init_state(params_lib.init_params(c, k), tx))(jax.random.key(0))
   step = ts.make_train_step(c, cfg, tx, sched)
@@ -156,7 +158,9 @@ def train_hf(args) -> dict:
   return {"train": statistics.median(times[1:])}
 
 
-SIDES = {"k2jax_infer": infer_k2jax, "hf_infer": infer_hf, "k2jax_train": train_k2jax, "hf_train": train_hf}
+SIDES = {"k2jax_infer": infer_k2jax, "hf_infer": infer_hf, "k2jax_train": train_k2jax, "hf_train": train_hf,
+         # The model's step alone, like for like with HF: AdamW on every leaf (no Newton-Schulz).
+         "k2jax-adamw_train": lambda args: train_k2jax(args, matrices="adamw")}
 
 
 def _versions() -> str:
@@ -201,11 +205,13 @@ def main():
   print("| width | cell | k2jax tok/s | HF tok/s | ratio |")
   cells = [(f"prefill b{b}", f"prefill_{b}", b * PROMPT) for b in BATCHES if b == 8]
   cells += [(f"decode b{b}", f"decode_{b}", b * NEW) for b in BATCHES]
-  cells += [("train step", "train", TRAIN_BATCH * TRAIN_SEQ)]
-  for name, key, tokens in cells:
-    if f"k2jax:{key}" not in res:
+  cells += [("train step (MuonClip vs AdamW)", "train", TRAIN_BATCH * TRAIN_SEQ)]
+  cells += [("train step (AdamW both)", "train", TRAIN_BATCH * TRAIN_SEQ, "k2jax-adamw")]
+  for name, key, tokens, *side in cells:
+    side = side[0] if side else "k2jax"
+    if f"{side}:{key}" not in res:
       continue
-    a, b = tokens / res[f"k2jax:{key}"], tokens / res[f"hf:{key}"]
+    a, b = tokens / res[f"{side}:{key}"], tokens / res[f"hf:{key}"]
     print(f"| {args.width} | {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f} |")
 
 

@@ -80,6 +80,16 @@ def test_newton_schulz_singular_values_near_one(shape):
   np.testing.assert_allclose(sym, np.swapaxes(sym, -1, -2), atol=1e-3)
 
 
+def test_newton_schulz_in_groups_equals_whole_stack(monkeypatch):
+  from k2jax.train import muonclip as muonclip_mod
+  a = jax.random.normal(jax.random.key(7), (5, 40, 24))
+  whole = muonclip_mod._newton_schulz5(a, 5, muonclip_mod.NS_EPS)
+  monkeypatch.setattr(muonclip_mod, "NS_CPU_GROUP_BYTES", 4 * 40 * 24 * 2)  # groups of 2, remainder 1
+  grouped = newton_schulz5(a)
+  np.testing.assert_allclose(grouped, whole, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(grouped - newton_schulz5(a[:1])[0]).max()) > 0.1  # each matrix normalised alone
+
+
 def test_newton_schulz_bf16_input_and_zero():
   o = newton_schulz5(jnp.ones((8, 12), jnp.bfloat16))
   assert o.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o)))

@@ -27,12 +27,27 @@ NS_EPS = 1e-7
 _partition = getattr(optax, "partition", None) or optax.multi_transform
 
 
+# XLA:CPU runs the iteration over a whole stack of matrices at once out of cache (an expert leaf of the
+# small benchmark width is [5, 32, 512, 256], 80 MB); groups of ~2 MB ran it ~1.15-1.5x faster there.
+NS_CPU_GROUP_BYTES = 1 << 21
+
+
 def newton_schulz5(m: jax.Array, steps: int = 5, eps: float = NS_EPS) -> jax.Array:
   """Approximate U V^T of each matrix in `m` [..., rows, cols] (fp32 out).
 
   X <- a X + (b A + c A^2) X with A = X X^T, started from X = m / (|m|_F + eps); run on the wide
   orientation so A is the smaller Gram matrix. Singular values land in roughly [0.7, 1.2], not at 1.
+  On CPU a stack of matrices goes through in groups of about `NS_CPU_GROUP_BYTES` (same result).
   """
+  group = max(1, NS_CPU_GROUP_BYTES // (4 * m.shape[-2] * m.shape[-1]))
+  if m.ndim > 2 and m.size // (m.shape[-2] * m.shape[-1]) > group and jax.default_backend() == "cpu":
+    flat = m.reshape(-1, *m.shape[-2:])
+    out = jax.lax.map(lambda x: _newton_schulz5(x, steps, eps), flat, batch_size=group)
+    return out.reshape(m.shape)
+  return _newton_schulz5(m, steps, eps)
+
+
+def _newton_schulz5(m: jax.Array, steps: int, eps: float) -> jax.Array:
   a, b, c = NS_COEFFS
   x = m.astype(jnp.float32)
   tall = x.shape[-2] > x.shape[-1]
