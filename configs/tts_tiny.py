@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training of the embedded default (skipped with --checkpoint / --hf_dir; cached in the workdir).
   cfg.train = ml_collections.ConfigDict()
+  # 1600 lookup conversations: with 600 the model called the tool but copied neither the item nor the code.
   cfg.train.examples_per_env = ml_collections.ConfigDict({"arith": 4000, "lookup": 1600})
   cfg.train.aggregate_frac = 0.12   # share of warm-start examples that teach heavy mode's aggregation
   cfg.train.sft = sft_tiny.get_config()

@@ -148,49 +148,45 @@ def test_help_lists_the_flags():
 
 
 def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys):
-  cfg = _cfg(thinking_budget=(0, 4), tool_steps=(0, 1), parallel=(1, 2), heavy=(1,))
+  """One tiny run (warm start, a 2-step RL run, every axis), then a second run that only measures."""
+  cfg = _cfg(thinking_budget=(0, 4), tool_steps=(0, 1), parallel=(1, 2), heavy=(1,), rl_step=(0, 2))
   cfg.n_problems, cfg.batch_size, cfg.max_new_tokens, cfg.max_len = 3, 8, 16, 512
   cfg.train.examples_per_env = {"arith": 24, "lookup": 8}
   cfg.train.sft.num_steps, cfg.train.sft.data.batch_size, cfg.train.sft.data.seq_len = 2, 4, 256
   cfg.train.sft.progress_bar = False
-  cfg.train.rl.num_steps = 0  # the RL run is covered by the RL tests; here the warm start is the model
+  cfg.train.rl.update({"num_steps": 2, "checkpoint_every": 1, "prompts_per_step": 2, "samples_per_prompt": 2,
+                       "eval_every": 0})
   results = tts.run(cfg, tmp_path, progress=False)
   assert [(r.axis, r.value) for r in results] == [("thinking_budget", 0), ("thinking_budget", 4), ("tool_steps", 0),
-                                                   ("tool_steps", 1), ("parallel", 1), ("parallel", 2), ("heavy", 1)]
+                                                   ("tool_steps", 1), ("parallel", 1), ("parallel", 2), ("heavy", 1),
+                                                   ("rl_step", 0), ("rl_step", 2)]
+  # The rl_step axis measures the models the RL run saved.
+  assert sorted(int(p.name) for p in (tmp_path / "rl" / "checkpoints").iterdir()) == [1, 2]
   with (tmp_path / "results.csv").open() as f:
     rows = list(csv.reader(f))
   assert rows[0][:8] == ["axis", "value", "accuracy", "ci_low", "ci_high", "mean_tokens", "seconds", "n_problems"]
-  assert len(rows) == 8
+  assert len(rows) == 10
   for r in results:
     assert 0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1 and r.mean_tokens > 0 and r.n_problems == 3
   # Two trajectories cost more tokens than one; the aggregation pass adds to heavy's one trajectory.
   by = {(r.axis, r.value): r for r in results}
   assert by["parallel", 2].mean_tokens > by["parallel", 1].mean_tokens
   assert json.loads((tmp_path / "results.json").read_text())["points"][0]["axis"] == "thinking_budget"
-  for name in ("overview", "thinking_budget", "tool_steps", "parallel", "heavy"):
+  for name in ("overview", "thinking_budget", "tool_steps", "parallel", "heavy", "rl_step"):
     assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
   table = tts.format_table(results)
   assert "thinking_budget" in table and "95% interval" in table
 
   from k2jax.train import trainer
+  from k2jax.train.rl import runner
   monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("the second run trained again"))
+  monkeypatch.setattr(runner, "train_rl", lambda *a, **k: pytest.fail("the second run ran RL again"))
   again = tts.run(cfg, tmp_path, axes=["parallel"], progress=False)
   assert [r.axis for r in again] == ["parallel", "parallel"]
-  cfg.train.sft.num_steps = 3
-  with pytest.raises(ValueError, match="other training settings"):
-    tts.run(cfg, tmp_path, progress=False)
-
-
-def test_rl_step_axis_measures_the_models_the_rl_run_saved(tmp_path):
-  cfg = _cfg(rl_step=(0, 2))
-  cfg.n_problems, cfg.batch_size, cfg.max_new_tokens, cfg.max_len = 2, 4, 16, 256
-  cfg.train.examples_per_env = {"arith": 24, "lookup": 8}
-  cfg.train.sft.num_steps, cfg.train.sft.data.batch_size, cfg.train.sft.progress_bar = 1, 4, False
-  cfg.train.rl.update({"num_steps": 2, "checkpoint_every": 1, "prompts_per_step": 2, "samples_per_prompt": 2,
-                       "eval_every": 0})
-  results = tts.run(cfg, tmp_path, progress=False)
-  assert [(r.axis, r.value) for r in results] == [("rl_step", 0), ("rl_step", 2)]
-  assert sorted(int(p.name) for p in (tmp_path / "rl" / "checkpoints").iterdir()) == [1, 2]
   cfg.axes.rl_step = (0, 3)
   with pytest.raises(tts.SweepError, match=r"rl_step values \[3\] are not saved"):
+    tts.run(cfg, tmp_path, progress=False)
+  cfg.axes.rl_step = (0, 2)
+  cfg.train.sft.num_steps = 3
+  with pytest.raises(ValueError, match="other training settings"):
     tts.run(cfg, tmp_path, progress=False)
