@@ -1,7 +1,10 @@
 """The inference engine: jit-compiled prefill and decode over the absorbed MLA latent cache.
 
 It runs `k2jax.model.forward` itself (the same function training uses) with a `Cache`; batched prompts of
-different lengths are right-padded and each row keeps its own length.
+different lengths are right-padded and each row keeps its own length. Prompts go through in chunks of
+`prefill_chunk` tokens (bounded activation memory), identical prompts are prefilled once, and with a
+`PrefixCache` a prompt that extends an earlier sequence reuses that sequence's latent cache up to the first
+differing token, so only the new suffix is computed (agent steps, heavy mode's shared prompt).
 """
 from __future__ import annotations
 
@@ -36,6 +39,29 @@ def _bucket(n: int, max_len: int, minimum: int = 16) -> int:
   return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
 
 
+@dataclasses.dataclass
+class PrefixCache:
+  """Latent caches of earlier sequences, kept for reuse: row b of `cache` holds the latents of `tokens[b]`.
+
+  `Engine.generate(..., prefix=...)` reads it (each prompt starts from the row sharing its longest prefix)
+  and replaces it with the sequences just generated (prompt + the tokens fed back while decoding).
+  """
+  cache: model_lib.Cache | None = None
+  tokens: list[list[int]] = dataclasses.field(default_factory=list)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+  n = min(len(a), len(b))
+  diff = np.flatnonzero(a[:n] != b[:n])
+  return int(diff[0]) if diff.size else n
+
+
+def _take_rows(cache: model_lib.Cache, rows: np.ndarray, lengths: np.ndarray) -> model_lib.Cache:
+  rows = jnp.asarray(rows, jnp.int32)
+  take = lambda stacks: {k: jnp.take(a, rows, axis=1) for k, a in stacks.items()}
+  return model_lib.Cache(take(cache.c_kv), take(cache.k_pe), jnp.asarray(lengths, jnp.int32))
+
+
 def _open_think(prompt: Sequence[int], think_ids: tuple[int, int]) -> bool:
   starts = [i for i, t in enumerate(prompt) if t == think_ids[0]]
   ends = [i for i, t in enumerate(prompt) if t == think_ids[1]]
@@ -46,16 +72,23 @@ class Engine:
   """Generation for one model; `params` is the same tree training uses."""
 
   def __init__(self, params: dict, config: K2Config, *, max_len: int = 4096, cache_dtype=None,
-               moe_impl: str = "ragged"):
+               moe_impl: str = "ragged", prefill_chunk: int = 2048):
+    if prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     self.params, self.config, self.max_len = params, config, max_len
     self.cache_dtype = cache_dtype or params["embed_vd"].dtype
     self.moe_impl = moe_impl
+    self.prefill_chunk = prefill_chunk
+    # Tokens run through prefill (after prefix reuse and de-duplication), for benchmarks and logs.
+    self.stats = {"prefill_tokens": 0}
 
-  @functools.partial(jax.jit, static_argnums=(0,))
-  def _prefill(self, params, tokens_bt, segment_ids_bt, cache):
+  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+  def _prefill(self, params, tokens_bt, segment_ids_bt, cache, logits_bv):
+    """One chunk appended to the cache; rows whose prompt ends in this chunk take its last logits."""
+    n_b = segment_ids_bt.sum(1)
     out = model_lib.forward(params, self.config, tokens_bt, segment_ids_bt=segment_ids_bt, cache=cache,
-                            moe_impl=self.moe_impl, logits_at_b=segment_ids_bt.sum(1) - 1)
-    return out.logits[:, 0], out.cache
+                            moe_impl=self.moe_impl, logits_at_b=jnp.maximum(n_b - 1, 0))
+    return jnp.where((n_b > 0)[:, None], out.logits[:, 0], logits_bv), out.cache
 
   @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
   def _decode_chunk(self, params, state: "_State", cache, rules: "_Rules", sp: SamplingParams, n_steps: int):
@@ -71,28 +104,60 @@ class Engine:
     (state, cache), (tokens_nb, logprobs_nb, valid_nb) = jax.lax.scan(step, (state, cache), None, length=n_steps)
     return state, cache, tokens_nb, logprobs_nb, valid_nb
 
-  def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, model_lib.Cache]:
-    """Logits after each prompt [B, V] and the filled cache."""
+  def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
+              ) -> tuple[jax.Array, model_lib.Cache]:
+    """Logits after each prompt [B, V] and the filled cache (`prefix` is read, never changed)."""
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
       raise ValueError("every prompt needs at least one token")
     if max(lengths) > self.max_len:
       raise ValueError(f"prompt of {max(lengths)} tokens does not fit the cache (max_len={self.max_len})")
-    T = _bucket(max(lengths), self.max_len)
-    tokens = np.zeros((len(prompts), T), np.int32)
-    seg = np.zeros((len(prompts), T), np.int32)
-    for b, p in enumerate(prompts):
-      tokens[b, :len(p)] = p
-      seg[b, :len(p)] = 1
-    cache = model_lib.init_cache(self.config, len(prompts), self.max_len, self.cache_dtype)
-    return self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(seg), cache)
+    # With a prefix cache, identical prompts (heavy mode's first step) are prefilled once and their rows
+    # copied; without one the batch keeps its shape (a varying number of unique rows would recompile).
+    unique: dict[tuple[int, ...], int] = {}
+    if prefix is None:
+      src, uprompts = np.arange(len(prompts)), [np.asarray(p, np.int32) for p in prompts]
+    else:
+      src = np.array([unique.setdefault(tuple(int(t) for t in p), len(unique)) for p in prompts])
+      uprompts = [np.asarray(p, np.int32) for p in unique]
+    # Each prompt continues the cached row sharing its longest prefix; at least one token is recomputed
+    # for the logits. Entries past a row's kept length are stale and never read (causal mask).
+    rows, keep = np.zeros(len(uprompts), np.int32), np.zeros(len(uprompts), np.int32)
+    if prefix is not None and prefix.cache is not None:
+      cached = [np.asarray(t, np.int32) for t in prefix.tokens]
+      for u, p in enumerate(uprompts):
+        common = [_common_prefix(p, t) for t in cached]
+        rows[u] = int(np.argmax(common))
+        keep[u] = min(common[rows[u]], len(p) - 1)
+      cache = _take_rows(prefix.cache, rows, keep)
+    else:
+      cache = model_lib.init_cache(self.config, len(uprompts), self.max_len, self.cache_dtype)
+    suffixes = [p[k:] for p, k in zip(uprompts, keep)]
+    self.stats["prefill_tokens"] += sum(len(x) for x in suffixes)
+    logits = jnp.zeros((len(uprompts), self.config.vocab_size), jnp.float32)
+    longest = max(len(x) for x in suffixes)
+    for c0 in range(0, longest, self.prefill_chunk):
+      T = _bucket(min(self.prefill_chunk, longest - c0), self.max_len)
+      tokens = np.zeros((len(uprompts), T), np.int32)
+      seg = np.zeros((len(uprompts), T), np.int32)
+      for u, x in enumerate(suffixes):
+        piece = x[c0:c0 + self.prefill_chunk]
+        tokens[u, :len(piece)] = piece
+        seg[u, :len(piece)] = 1
+      logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(seg), cache, logits)
+    if len(uprompts) < len(prompts):
+      logits, cache = logits[src], _take_rows(cache, src, np.asarray(cache.lengths)[src])
+    return logits, cache
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None,
                stop_ids: Sequence[int] = (), think_ids: tuple[int, int] | None = None,
                think_budget: int | None = None, on_token: Callable[[int, int], None] | None = None,
-               chunk: int = 16) -> Generation:
+               chunk: int = 16, prefix: PrefixCache | None = None) -> Generation:
     """Generates up to `max_new_tokens` per prompt.
+
+    `prefix`: each prompt reuses the cached latents of the earlier sequence it extends (see `PrefixCache`);
+    afterwards `prefix` holds this call's sequences (prompt + fed-back generated tokens).
 
     `think_ids=(<think>, </think>)` with `think_budget`: once a sequence has spent the budget inside a
     think block, `</think>` is forced as its next token. `on_token(row, id)` streams tokens as they come.
@@ -109,7 +174,7 @@ class Engine:
     rules = _Rules(jnp.asarray(sorted(set(int(i) for i in stop_ids)) or [-1], jnp.int32),
                    jnp.asarray(think_ids or (-1, -1), jnp.int32),
                    jnp.asarray(-1 if think_budget is None or not think_ids else think_budget, jnp.int32))
-    logits_bv, cache = self.prefill(prompts)
+    logits_bv, cache = self.prefill(prompts, prefix)
     key, sub = jax.random.split(key)
     # A prompt that ends inside an open <think> block starts the budget at once.
     in_think = np.array([bool(think_ids) and _open_think(p, think_ids) for p in prompts])
@@ -139,6 +204,11 @@ class Engine:
                                                                           n)
       blocks = [(np.asarray(tokens_nb), np.asarray(logprobs_nb), np.asarray(valid_nb))]
       produced += n
+    if prefix is not None:
+      # Decode step i fed out[b][i]; after a row stopped, what it fed is not part of its sequence.
+      fed = [toks[:produced - 1] for toks in out]
+      prefix.tokens = [list(map(int, p)) + f for p, f in zip(prompts, fed)]
+      prefix.cache = dataclasses.replace(cache, lengths=jnp.asarray([len(t) for t in prefix.tokens], jnp.int32))
     stop = set(int(i) for i in stop_ids)
     reasons = ["stop" if toks and toks[-1] in stop else "length" for toks in out]
     return Generation(out, reasons, [len(p) for p in prompts], np.asarray(state.used_b).tolist(), out_logp)
