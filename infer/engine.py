@@ -79,6 +79,7 @@ class Engine:
     self.cache_dtype = cache_dtype or params["embed_vd"].dtype
     self.moe_impl = moe_impl
     self.prefill_chunk = prefill_chunk
+    self._per_layer: tuple[dict, dict] | None = None  # (params, the same per layer), see `_decode_params`
     # Tokens run through prefill (after prefix reuse and de-duplication), for benchmarks and logs.
     self.stats = {"prefill_tokens": 0}
 
@@ -103,6 +104,16 @@ class Engine:
 
     (state, cache), (tokens_nb, logprobs_nb, valid_nb) = jax.lax.scan(step, (state, cache), None, length=n_steps)
     return state, cache, tokens_nb, logprobs_nb, valid_nb
+
+  def _decode_params(self) -> dict:
+    """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
+    weights on every token. Split once per parameter tree (`params` may be replaced, as RL does each step),
+    not once per `generate` call: an agent run calls `generate` at every step."""
+    if not dispatch.unstack_layers_for_decode():
+      return self.params
+    if self._per_layer is None or self._per_layer[0] is not self.params:
+      self._per_layer = (self.params, model_lib.unstack_layers(self.params))
+    return self._per_layer[1]
 
   def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
               ) -> tuple[jax.Array, model_lib.Cache]:
@@ -184,8 +195,7 @@ class Engine:
     state = _emit(*sample_with_logprob(logits_bv, sub, sampling), state, rules)
     out: list[list[int]] = [[] for _ in range(B)]
     out_logp: list[list[float]] = [[] for _ in range(B)]
-    # Per-layer weights on CPU: a stacked layer scan would copy every layer's weights on every token.
-    params = model_lib.unstack_layers(self.params) if dispatch.unstack_layers_for_decode() else self.params
+    params = self._decode_params()
     blocks = [(np.asarray(state.token_b)[None], np.asarray(state.logprob_b)[None], np.asarray(state.valid_b)[None])]
     produced = 1
     while True:

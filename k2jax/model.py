@@ -129,7 +129,7 @@ def unstack_layers(params: dict) -> dict:
   For decoding on XLA:CPU (`dispatch.unstack_layers_for_decode`): inside the jitted decode loop a stacked
   [L, ...] weight is sliced, i.e. copied, layer by layer on every token (all routed experts of the
   layer, ~250 MB per token at the small benchmark width); per-layer arrays are read in place. One copy
-  per `generate` call instead of one per token.
+  per parameter tree (the engine keeps it) instead of one per token.
   """
   out = dict(params)
   for name in ("dense_layers", "moe_layers"):
