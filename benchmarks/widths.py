@@ -6,8 +6,9 @@ Widths: `tiny` (the tiny preset, d=64), `small` (d=512, 6 layers, 8 heads, q-LoR
 experts top-4, expert width 256, vocab 8192) and `medium` (d=1024, 12 layers, 64 experts top-8, K2's
 ratios of head and LoRA sizes to d, vocab 32768). Same random weights on both sides (saved by HF,
 loaded with `from_hf`), fp32. Prefill: batch 8 x prompt 128; decode: 64 new tokens (greedy) after that
-prompt, batch 1 and 8; train: batch 8 x 128 tokens, full step (k2jax MuonClip + QK-Clip vs torch AdamW,
-and k2jax with AdamW on every leaf, like for like).
+prompt, batch 1 and 8; train: batch 8 x 128 tokens (`--train_batch` for more), full step (k2jax MuonClip +
+QK-Clip vs torch AdamW, and k2jax with AdamW on every leaf, like for like). Muon's Newton-Schulz costs the
+same whatever the batch, so the MuonClip cell depends on the tokens per step; the AdamW cell does not.
 Each side and phase runs in its own process; medians. Prints the table rows for benchmarks/NOTES.md.
 """
 from __future__ import annotations
@@ -108,9 +109,9 @@ def infer_hf(args) -> dict:
   return res
 
 
-def _train_batches(n):
+def _train_batches(n, batch=TRAIN_BATCH):
   from k2jax.train import data  # noqa: PLC0415
-  ds = data.PackedDataset(data.load_split("synthetic", "train"), TRAIN_BATCH, TRAIN_SEQ)
+  ds = data.PackedDataset(data.load_split("synthetic", "train"), batch, TRAIN_SEQ)
   return [ds.next_batch() for _ in range(n)]
 
 
@@ -127,7 +128,7 @@ def train_k2jax(args, matrices: str = "muon") -> dict:
   state = jax.jit(lambda k: ts.init_state(params_lib.init_params(c, k), tx))(jax.random.key(0))
   step = ts.make_train_step(c, cfg, tx, sched)
   times = []
-  for b in _train_batches(1 + args.train_steps):
+  for b in _train_batches(1 + args.train_steps, args.train_batch):
     t = time.perf_counter()
     state, m = step(state, b)
     jax.block_until_ready(m)
@@ -145,7 +146,7 @@ def train_hf(args) -> dict:
   model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_cfg)).train()
   opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
   times = []
-  for b in _train_batches(1 + args.train_steps):
+  for b in _train_batches(1 + args.train_steps, args.train_batch):
     tokens = torch.tensor(b["tokens"], dtype=torch.long)
     labels = torch.tensor(np.where(b["weights"] > 0, b["targets"], -100), dtype=torch.long)
     t = time.perf_counter()
@@ -173,6 +174,7 @@ def main():
   ap.add_argument("--width", default="small", help="tiny, small or medium")
   ap.add_argument("--repeats", type=int, default=2, help="timed runs per inference cell (median)")
   ap.add_argument("--train_steps", type=int, default=3, help="timed train steps (median), after one warm-up")
+  ap.add_argument("--train_batch", type=int, default=TRAIN_BATCH, help=f"sequences of {TRAIN_SEQ} tokens per train step")
   ap.add_argument("--only", default="infer,train", help="phases to run: infer, train or both")
   ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
   ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -182,7 +184,8 @@ def main():
     print(json.dumps(SIDES[args.side](args)))
     return
 
-  common = [f"--width={args.width}", f"--repeats={args.repeats}", f"--train_steps={args.train_steps}"]
+  common = [f"--width={args.width}", f"--repeats={args.repeats}", f"--train_steps={args.train_steps}",
+            f"--train_batch={args.train_batch}"]
   phases = args.only.split(",")
   res = {}
   with tempfile.TemporaryDirectory() as ckpt:
@@ -205,8 +208,9 @@ def main():
   print("| width | cell | k2jax tok/s | HF tok/s | ratio |")
   cells = [(f"prefill b{b}", f"prefill_{b}", b * PROMPT) for b in BATCHES if b == 8]
   cells += [(f"decode b{b}", f"decode_{b}", b * NEW) for b in BATCHES]
-  cells += [("train step (MuonClip vs AdamW)", "train", TRAIN_BATCH * TRAIN_SEQ)]
-  cells += [("train step (AdamW both)", "train", TRAIN_BATCH * TRAIN_SEQ, "k2jax-adamw")]
+  train_tokens = args.train_batch * TRAIN_SEQ
+  cells += [(f"train step {train_tokens} tok (MuonClip vs AdamW)", "train", train_tokens)]
+  cells += [(f"train step {train_tokens} tok (AdamW both)", "train", train_tokens, "k2jax-adamw")]
   for name, key, tokens, *side in cells:
     side = side[0] if side else "k2jax"
     if f"{side}:{key}" not in res:
