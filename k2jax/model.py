@@ -156,7 +156,8 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   `Output.aux_loss`.
   `logits_at_b`: one position per row; logits come back [B, 1, V] for it alone (prefill needs only the
   last prompt token's, and the head over the whole prompt would cost T x vocab).
-  `attn_impl`: "flash" (blockwise, the default) or "plain" (full score matrix; the reference).
+  `attn_impl`: "flash" (blockwise, the default: Pallas kernels on TPU/GPU, XLA's loop on CPU), "pallas"
+  (the kernels forced, interpreted on a CPU host) or "plain" (full score matrix; the reference).
   """
   tokens_bt = jnp.asarray(tokens_bt, jnp.int32)
   B, T = tokens_bt.shape

@@ -9,6 +9,9 @@
   impl="ragged": the backend's own lax.ragged_dot (INT4 weights dequantised first). XLA:CPU lowers it
                  to a dense product per group (~E times the work), so "auto" never picks it on CPU.
 Tile sizes (tm, tk, tn) default per backend and kernel; pass `tiling` to override.
+
+Flash attention (`flash_attention_impl`): TPU -> Mosaic Pallas kernels while one head's keys and values
+fit in VMEM, GPU -> Triton Pallas kernels, CPU (and longer TPU sequences) -> XLA's blockwise loop.
 """
 
 from __future__ import annotations
@@ -84,6 +87,28 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
     return gmm_ref(lhs_mk, w, group_sizes, out_dtype=out_dtype)
   return gmm(lhs_mk, w, group_sizes, tiling=_tiling(platform, "dense", tiling), out_dtype=out_dtype,
              platform=platform, interpret=interpret)
+
+
+# The TPU flash kernels keep one head's whole keys and values (forward, dQ) in VMEM, double-buffered.
+TPU_ATTENTION_KV_BYTES = 8 << 20
+
+
+def flash_attention_impl(kv_bytes: int = 0, *, backend: str | None = None, impl: str = "auto",
+                         interpret: Any = False) -> tuple[str, str, Any]:
+  """(platform, "pallas" | "xla", interpret) for flash attention over keys+values of `kv_bytes` per head.
+
+  impl="pallas" forces the kernels; on a host without TPU or GPU they run interpreted (the GPU family
+  with `interpret=True` unless `interpret` says otherwise), which is for tests.
+  """
+  if impl not in ("auto", "pallas", "xla"):
+    raise ValueError(f"attention impl must be auto, pallas or xla, got {impl!r}")
+  platform = _platform(backend)
+  if impl == "pallas" and platform not in ("tpu", "gpu"):
+    return "gpu", "pallas", interpret or True
+  if impl == "auto":
+    fits = platform == "gpu" or (platform == "tpu" and kv_bytes <= TPU_ATTENTION_KV_BYTES)
+    impl = "pallas" if fits else "xla"
+  return platform, impl, interpret
 
 
 def unstack_layers_for_decode(backend: str | None = None) -> bool:

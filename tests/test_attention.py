@@ -62,14 +62,17 @@ def test_flash_reads_a_layer_of_a_cache_stack():
   np.testing.assert_allclose(m1, m2, rtol=1e-6)
 
 
-def test_model_flash_equals_plain_logits(monkeypatch):
+@pytest.mark.parametrize("impl", ["flash", "pallas"])
+def test_model_flash_equals_plain_logits(monkeypatch, impl):
+  """The tiny model's forward on XLA's blockwise loop, and on the Pallas kernels forced (interpreted here)."""
+  from k2jax.kernels import flash_attention as fa
   monkeypatch.setattr(flash, "BLOCK_Q", 16)  # several tiles at this short length
   monkeypatch.setattr(flash, "BLOCK_K", 8)
+  monkeypatch.setitem(fa.DEFAULT_BLOCKS, "gpu", (16, 16))
   c = presets.TINY_NO_QLORA
   p = params_lib.init_params(c, jax.random.key(0), jnp.float32)
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, c.vocab_size)
-  o1, o2 = (model_lib.forward(p, c, tokens, segment_ids_bt=jnp.asarray(SEG), attn_impl=impl)
-            for impl in ("flash", "plain"))
+  o1, o2 = (model_lib.forward(p, c, tokens, segment_ids_bt=jnp.asarray(SEG), attn_impl=i) for i in (impl, "plain"))
   valid = np.asarray(SEG != 0)
   np.testing.assert_allclose(np.asarray(o1.logits)[valid], np.asarray(o2.logits)[valid], atol=1e-4, rtol=1e-5)
   for name in o2.max_attn_logits:

@@ -1,52 +1,116 @@
-"""The Pallas flash-attention forward against the plain full-score path, run interpreted on CPU
-(no accelerator in CI): the generic interpreter (`interpret=True`, the GPU kernel) and the TPU
-interpreter (`pltpu.InterpretParams()`)."""
+"""The Pallas flash-attention kernels (forward, dQ, dK/dV) against the plain full-score path, run interpreted
+on CPU (no accelerator in CI): the generic interpreter (`interpret=True`, the GPU kernels) and the TPU
+interpreter (`pltpu.InterpretParams()`); and the 1T config's shapes lowered for Mosaic and Triton."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from k2jax import presets
 from k2jax.attention.flash import Mask, reference_attention
-from k2jax.kernels.flash_attention import flash_forward
+from k2jax.kernels import flash_attention as fa
+from k2jax.kernels.flash_attention import flash_mha
 
 jax.config.update("jax_default_matmul_precision", "highest")
-B, N, D, Dv = 2, 2, 12, 8
+B, N, T, D, Dv = 2, 2, 64, 192, 128  # MLA's head dims: q/k 192 (nope 128 + rope 64), v 128
+# Row 0: two packed documents then padding; row 1: one document then padding (segment 0).
+SEG = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 60 + [0] * 4], jnp.int32)
+IDX = jnp.broadcast_to(jnp.arange(T), (B, T)).astype(jnp.int32)
+INTERPRETERS = {"interpret": ("gpu", True), "tpu_interpret": ("tpu", pltpu.InterpretParams())}
 
 
-@pytest.mark.parametrize("interpret", ["interpret", "tpu_interpret"])
+def _plain(q, k, v, scale):
+  """Reference out [B, N, T, Dv], logsumexp [B, N, T] and max logit [N] from the full fp32 scores."""
+  shared = k.shape[1] == 1
+  kr = k[:, 0] if shared else k.transpose(0, 2, 1, 3)
+  vr = v[:, 0] if shared else v.transpose(0, 2, 1, 3)
+  mask = Mask(SEG, IDX, SEG)
+  out, mx = reference_attention((q.transpose(0, 2, 1, 3),), (kr,), vr, mask, scale)
+  s = jnp.einsum("bntd,bnsd->bnts", q, jnp.broadcast_to(k, (B, N, T, D))) * scale
+  lse = jax.nn.logsumexp(jnp.where(mask.dense(T)[:, None], s, -1e30), axis=-1)
+  return out.transpose(0, 2, 1, 3), lse, mx
+
+
+@pytest.mark.parametrize("interpreter", list(INTERPRETERS))
 @pytest.mark.parametrize("shared_kv", [False, True])
-def test_pallas_flash_forward_equals_plain(interpret, shared_kv):
-  T = 32
-  ks = jax.random.split(jax.random.key(0), 3)
+def test_pallas_flash_equals_plain_values_lse_max_and_grads(interpreter, shared_kv):
+  """Causal + packed segments + padding, several query and key blocks; gradients through out and lse."""
+  platform, interpret = INTERPRETERS[interpreter]
+  ks = jax.random.split(jax.random.key(0), 5)
   hk = 1 if shared_kv else N
   q = jax.random.normal(ks[0], (B, N, T, D))
   k, v = jax.random.normal(ks[1], (B, hk, T, D)), jax.random.normal(ks[2], (B, hk, T, Dv))
-  seg = jnp.array([[1] * 10 + [2] * 16 + [0] * 6, [1] * 30 + [0] * 2], jnp.int32)  # packed + padding
-  idx = jnp.broadcast_to(jnp.arange(T), (B, T)).astype(jnp.int32)
-  interp = True if interpret == "interpret" else pltpu.InterpretParams()
-  out, lse, m = flash_forward(q, k, v, seg, idx, seg, scale=0.3, block_q=8, block_k=16, interpret=interp)
-  # The reference's layouts: q [B, T, N, D]; per-head k [B, S, N, D] or shared [B, S, D].
-  kr = k[:, 0] if shared_kv else k.transpose(0, 2, 1, 3)
-  vr = v[:, 0] if shared_kv else v.transpose(0, 2, 1, 3)
-  want, mx = reference_attention((q.transpose(0, 2, 1, 3),), (kr,), vr, Mask(seg, idx, seg), 0.3)
-  valid = np.asarray(seg != 0)
-  np.testing.assert_allclose(np.asarray(out.transpose(0, 2, 1, 3))[valid], np.asarray(want)[valid], atol=1e-5)
-  np.testing.assert_allclose(m.max(axis=(0, 2)), mx, rtol=1e-6)
+  w_out, w_lse = jax.random.normal(ks[3], (B, N, T, Dv)), jax.random.normal(ks[4], (B, N, T))
+  valid = np.asarray(SEG != 0)[:, None, :]
+
+  def pallas(q, k, v):
+    return flash_mha(q, k, v, SEG, IDX, SEG, scale=0.1, block_q=16, block_k=32, platform=platform,
+                     interpret=interpret)
+
+  def loss(fn, q, k, v):
+    out, lse, mx = fn(q, k, v)
+    return jnp.sum(jnp.where(valid[..., None], out * w_out, 0)) + jnp.sum(jnp.where(valid, lse * w_lse, 0)), (
+        out, lse, mx)
+
+  grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, (o1, lse1, m1)), g1 = grad(pallas)
+  (_, (o2, lse2, m2)), g2 = grad(lambda q, k, v: _plain(q, k, v, 0.1))
+  rel = lambda a, b: np.abs(np.where(valid[..., None] if a.ndim == 4 else valid, a - b, 0)).max() / np.abs(b).max()
+  assert rel(o1, o2) <= 1e-5
+  assert rel(lse1, np.where(valid, lse2, 1.0)) <= 1e-5
+  np.testing.assert_allclose(m1.max(axis=(0, 2)), m2, rtol=1e-5)
+  assert np.all(np.asarray(o1).transpose(0, 2, 1, 3)[~np.asarray(SEG != 0)] == 0)  # padding: 0, not NaN
+  for name, a, b in zip("qkv", g1, g2):
+    assert np.all(np.isfinite(a)), name
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (name, np.abs(a - b).max() / np.abs(b).max())
+  assert np.all(np.asarray(g1[0]).transpose(0, 2, 1, 3)[~np.asarray(SEG != 0)] == 0)  # padded rows: no grad
 
 
 def test_pallas_decode_reads_the_filled_length_of_a_cache():
   """One query per row at its own offset in a 64-slot latent cache; NaN past the filled length is never read."""
-  S = 64
+  S, d, dv = 64, 12, 8
   ks = jax.random.split(jax.random.key(1), 3)
-  q = jax.random.normal(ks[0], (B, N, 8, D))
-  k, v = jax.random.normal(ks[1], (B, 1, S, D)), jax.random.normal(ks[2], (B, 1, S, Dv))
+  q = jax.random.normal(ks[0], (B, N, 8, d))
+  k, v = jax.random.normal(ks[1], (B, 1, S, d)), jax.random.normal(ks[2], (B, 1, S, dv))
   lengths = jnp.array([5, 20])
   k = jnp.where(jnp.arange(S)[None, None, :, None] > 31, jnp.nan, k)  # beyond every row's key blocks
   seg = jnp.zeros((B, 8), jnp.int32).at[:, 0].set(1)
   idx = (lengths[:, None] + jnp.arange(8)).astype(jnp.int32)
-  out, _, _ = flash_forward(q, k, v, seg, idx, jnp.ones((B, S), jnp.int32), scale=0.5, block_q=8, block_k=16,
-                            interpret=True)
+  out, _, _ = flash_mha(q, k, v, seg, idx, jnp.ones((B, S), jnp.int32), scale=0.5, block_q=8, block_k=16,
+                        platform="gpu", interpret=True)
   want, _ = reference_attention((q.transpose(0, 2, 1, 3)[:, :1],), (k[:, 0, :32],), v[:, 0, :32],
                                 Mask(seg[:, :1], idx[:, :1]), 0.5)
-  np.testing.assert_allclose(np.asarray(out[:, :, 0]), np.asarray(want[:, 0]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out[:, :, 0]), np.asarray(want[:, 0]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_1t_shapes_lower_for_mosaic_and_triton(platform):
+  """K2's per-head (q/k 192, v 128) and absorbed (576 / 512) layouts, forward and backward, pass the
+  backend's block-shape rules (TPU (8, 128) tiles; Triton powers of two) at its default blocks."""
+  c = presets.K2_THINKING
+  n, T = c.num_attention_heads, 2048
+  layouts = {"per_head": (n, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim),
+             "absorbed": (1, c.kv_lora_rank + c.qk_rope_head_dim, c.kv_lora_rank)}
+  for hk, d, dv in layouts.values():
+    sds = jax.ShapeDtypeStruct
+    args = (sds((1, n, T, d), jnp.bfloat16), sds((1, hk, T, d), jnp.bfloat16), sds((1, hk, T, dv), jnp.bfloat16),
+            *[sds((1, T), jnp.int32)] * 3)
+
+    def loss(q, k, v, *masks):
+      out, lse, _ = flash_mha(q, k, v, *masks, scale=0.1, platform=platform)
+      return out.astype(jnp.float32).sum() + lse.sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("tpu" if platform == "tpu" else "cuda",))
+    assert lowered.as_text()
+
+
+def test_hardware_blocks_are_validated():
+  with pytest.raises(ValueError, match=r"multiples of \(8, 128\)"):
+    fa.fit_blocks(1024, 1024, 256, 64, "tpu", strict=True)
+  with pytest.raises(ValueError, match="powers of two"):
+    fa.fit_blocks(1024, 1024, 48, 64, "gpu", strict=True)
+  assert fa.fit_blocks(37, 37, 256, 256, "tpu", strict=True) == (40, 40)  # one block covers a short sequence
+  assert fa.fit_blocks(37, 100, 64, 64, "gpu", strict=True) == (64, 64)
+  assert (fa.head_dim(192, "tpu"), fa.head_dim(576, "tpu"), fa.head_dim(192, "gpu")) == (256, 640, 256)

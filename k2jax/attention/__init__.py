@@ -1,7 +1,8 @@
 """Multi-head Latent Attention (MLA): the per-head path (training, prefill) and the absorbed path over the
-latent cache (decode, cached prefill). Both run blockwise online-softmax attention by default
-(`flash.py`: O(T * block) memory, only the keys a query can see); `impl="plain"` forms the full [B, N, T, S]
-scores and is the reference the blockwise path is tested against.
+latent cache (decode, cached prefill). Both run blockwise online-softmax attention by default: the Pallas
+flash kernels where the backend has them (`pallas.py`, chosen by `kernels.dispatch.flash_attention_impl`),
+else XLA's blockwise loop (`flash.py`: O(T * block) memory, only the keys a query can see);
+`impl="plain"` forms the full [B, N, T, S] scores and is the reference both are tested against.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import jax.numpy as jnp
 from k2jax import rope
 from k2jax.attention import flash
 from k2jax.attention.flash import NEG_INF, Mask, flash_attention, reference_attention
+from k2jax.attention.pallas import pallas_attention
 from k2jax.config import K2Config
+from k2jax.kernels import dispatch
 from k2jax.layers import rms_norm
 from k2jax.sharding import constrain
 
-IMPLS = ("flash", "plain")
+IMPLS = ("flash", "plain", "pallas")
 
 __all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "mla", "mla_absorbed", "queries",
            "write_latent"]
@@ -57,12 +60,24 @@ def _project(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp):
 
 def attend(q_parts, k_parts, v, mask: Mask, scale: float, impl: str = "flash", layer=None):
   """Masked softmax attention with scores sum_i q_i . k_i; see `flash.flash_attention` for the layouts.
+
+  impl: "flash" (blockwise: the backend's Pallas kernels, or XLA's loop on CPU), "pallas" (the kernels
+  forced; interpreted on a host without TPU/GPU, for tests) or "plain" (full scores, the reference).
   Returns (out [B, T, N, Dv], per-head max scaled logit over the valid entries [N] fp32)."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   T, S = q_parts[0].shape[1], v.shape[1 if layer is None else 2]
+  if impl == "pallas":
+    platform, _, interpret = dispatch.flash_attention_impl(impl="pallas")
+    return pallas_attention(q_parts, k_parts, v, mask, scale, platform=platform, interpret=interpret, layer=layer)
   # One tile covers everything: the blockwise loop would compute the same single tile, with loop overhead.
   if impl == "flash" and (T > flash.BLOCK_Q or S > flash.BLOCK_K):
+    # A cache stack (`layer`) stays on XLA's loop, which reads only the filled blocks of the layer in place.
+    if layer is None:
+      dims = sum(q.shape[-1] for q in q_parts) + v.shape[-1]
+      platform, kind, interpret = dispatch.flash_attention_impl(2 * max(T, S) * dims * v.dtype.itemsize)
+      if kind == "pallas":
+        return pallas_attention(q_parts, k_parts, v, mask, scale, platform=platform, interpret=interpret)
     return flash_attention(q_parts, k_parts, v, mask, scale, layer=layer)
   if layer is not None:
     k_parts, v = [k[layer] for k in k_parts], v[layer]

@@ -1,0 +1,43 @@
+"""MLA attention on the Pallas flash kernels: adapts `flash.flash_attention`'s layouts to the kernels'.
+
+Scores there are a sum of parts (q_nope.k_nope + q_pe.k_pe, the rope key shared by heads); the kernels take
+one q/k per head, so the parts are concatenated along the head dim (a shared part broadcast over heads when
+another part is per-head). When every key part and v are shared (the absorbed latent), the kernels get one
+kv head and sum dK/dV over heads themselves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from k2jax.attention.flash import Mask
+from k2jax.kernels.flash_attention import flash_mha
+
+
+def _per_head(x, n: int):
+  """[B, S, d] (shared) or [B, S, N, d] -> [B, S, N, d]."""
+  return x if x.ndim == 4 else jnp.broadcast_to(x[:, :, None], (*x.shape[:2], n, x.shape[-1]))
+
+
+def pallas_attention(q_parts, k_parts, v, mask: Mask, scale: float, *, platform: str, interpret: Any = False,
+                     block_q: int | None = None, block_k: int | None = None, layer=None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Same contract as `flash.flash_attention`: (out [B, T, N, Dv] in v's dtype, max logit [N], no gradient)."""
+  if layer is not None:
+    k_parts, v = [k[layer] for k in k_parts], v[layer]
+  B, T, N = q_parts[0].shape[:3]
+  S = v.shape[1]
+  q_bntd = jnp.concatenate(q_parts, axis=-1).transpose(0, 2, 1, 3)
+  if v.ndim == 3 and all(k.ndim == 3 for k in k_parts):
+    k_bhsd = jnp.concatenate(k_parts, axis=-1)[:, None]
+    v_bhsv = v[:, None]
+  else:
+    k_bhsd = jnp.concatenate([_per_head(k, N) for k in k_parts], axis=-1).transpose(0, 2, 1, 3)
+    v_bhsv = _per_head(v, N).transpose(0, 2, 1, 3)
+  k_seg_bs = jnp.ones((B, S), jnp.int32) if mask.k_seg_bs is None else mask.k_seg_bs
+  out_bntv, _, max_bnt = flash_mha(q_bntd, k_bhsd.astype(q_bntd.dtype), v_bhsv, mask.q_seg_bt, mask.q_index_bt,
+                                   k_seg_bs, scale=scale, block_q=block_q, block_k=block_k, platform=platform,
+                                   interpret=interpret)
+  return out_bntv.transpose(0, 2, 1, 3), jax.lax.stop_gradient(max_bnt.max(axis=(0, 2)))
