@@ -4,9 +4,10 @@
   python -m benchmarks.convert --experts=128 --layers=16 --repeats=3 --workdir=/big/disk
 
 Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
---workdir, then alternates a plain `cp -r` of its folder and a `k2-convert` of it, each in its own process,
-`--repeats` times; prints medians, the ratio, and each conversion's peak RSS against the largest shard and
-the largest leaf. Everything it wrote is removed at the end.
+--workdir, then alternates a plain `cp -r` of its folder (into the page cache), a durable `cp -r` + sync
+(the converter's output is fsynced before it is committed) and a `k2-convert` of it, each in its own
+process, `--repeats` times; prints medians, the ratios, and each conversion's peak RSS against the
+largest shard and the largest leaf. Everything it wrote is removed at the end.
 """
 from __future__ import annotations
 
@@ -106,10 +107,14 @@ def main(argv):
     print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(shards)} shards (largest {max(shards) / 1e9:.3f} GB), "
           f"largest leaf {leaf[0]} {leaf[1] / 1e9:.3f} GB; written in {time.perf_counter() - t:.0f} s", flush=True)
     baseline = _child("import jax, k2jax.convert, orbax.checkpoint; jax.numpy.zeros(1).block_until_ready()")[1]
-    cp_s, conv_s, inner_s, rss, export_s = [], [], [], [], []
+    cp_s, cps_s, conv_s, inner_s, rss, export_s = [], [], [], [], [], []
     for i in range(_REPEATS.value):
       dst = os.path.join(root, f"copy{i}")
       cp_s.append(_child(f"import subprocess; subprocess.run(['cp', '-r', {src!r}, {dst!r}], check=True)")[0])
+      shutil.rmtree(dst)
+      # A durable copy, like the converter's output (its files are fsynced before the commit).
+      cps_s.append(_child(f"import os, subprocess; subprocess.run(['cp', '-r', {src!r}, {dst!r}], check=True); "
+                          "os.sync()")[0])
       shutil.rmtree(dst)
       out = os.path.join(root, f"conv{i}")
       s, r, inner = _child(f"import json; from k2jax.convert import convert; "
@@ -117,19 +122,21 @@ def main(argv):
       conv_s.append(s)
       inner_s.append(inner)
       rss.append(r)
-      print(f"  run {i}: cp {cp_s[-1]:.1f} s, convert {s:.1f} s ({inner:.1f} s after start-up; peak RSS "
-            f"{r / 1e9:.2f} GB)", flush=True)
+      print(f"  run {i}: cp {cp_s[-1]:.1f} s, cp + sync {cps_s[-1]:.1f} s, convert {s:.1f} s ({inner:.1f} s "
+            f"after start-up; peak RSS {r / 1e9:.2f} GB); load average {os.getloadavg()[0]:.1f}", flush=True)
       if _EXPORT.value and i == 0:
         back = os.path.join(root, "back")
         export_s.append(_child(f"import json; from k2jax.convert import export; "
                                f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")[0])
         shutil.rmtree(back)
       shutil.rmtree(out)
-    cp_m, conv_m, inner_m = statistics.median(cp_s), statistics.median(conv_s), statistics.median(inner_s)
-    print(f"cp:      median {cp_m:.1f} s = {size / cp_m / 1e9:.2f} GB/s")
-    print(f"convert: median {conv_m:.1f} s = {size / conv_m / 1e9:.2f} GB/s = {cp_m / conv_m:.0%} of cp "
-          f"(whole process); {inner_m:.1f} s = {size / inner_m / 1e9:.2f} GB/s = {cp_m / inner_m:.0%} of cp "
-          "after start-up (validation, reading, writing, commit)")
+    cp_m, cps_m = statistics.median(cp_s), statistics.median(cps_s)
+    conv_m, inner_m = statistics.median(conv_s), statistics.median(inner_s)
+    print(f"cp:        median {cp_m:.1f} s = {size / cp_m / 1e9:.2f} GB/s")
+    print(f"cp + sync: median {cps_m:.1f} s = {size / cps_m / 1e9:.2f} GB/s")
+    for what, m in (("whole process", conv_m), ("after start-up (validation, reading, writing, commit)", inner_m)):
+      print(f"convert:   median {m:.1f} s = {size / m / 1e9:.2f} GB/s = {cp_m / m:.0%} of cp, "
+            f"{cps_m / m:.0%} of cp + sync; {what}")
     if export_s:
       print(f"export:  {export_s[0]:.1f} s = {size / export_s[0] / 1e9:.2f} GB/s (one run)")
     peak = max(rss)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from k2jax.config import ConfigError, K2Config, RopeConfig
 from k2jax.hf import CheckpointError
-from k2jax.model import K2Model, Output, forward
 from k2jax.params import abstract_params, init_params, logical_axes, param_specs
 from k2jax.presets import PRESETS, get as preset
 
@@ -46,10 +45,13 @@ def from_hf(path: str, dtype=jnp.float32, *, shardings=None, strict: bool = True
   finally:
     if bar:
       bar.close()
+  from k2jax.model import K2Model  # noqa: PLC0415
   return K2Model(config, p)
 
 
-def __getattr__(name):  # `k2jax.chat` and friends load on first use
-  if name in ("chat", "tokenizer"):
+def __getattr__(name):  # the model (flax) and `k2jax.chat` load on first use: the CLIs that need neither start faster
+  if name in ("K2Model", "Output", "forward"):
+    return getattr(importlib.import_module("k2jax.model"), name)
+  if name in ("chat", "tokenizer", "model"):
     return importlib.import_module(f"k2jax.{name}")
   raise AttributeError(name)

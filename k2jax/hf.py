@@ -252,29 +252,10 @@ def slice_reader(leaf: Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> Callab
   or with `keep_int4` a numpy `QuantizedWeight` (packed, scales), never dequantised."""
   if keep_int4:
     from k2jax import int4  # noqa: PLC0415
-    # Views: `_fill` / `read_leaf_host` copy each slice into place, transposing on the way.
+    # Views: `_fill` copies each slice into place, transposing on the way.
     return lambda layer, expert: int4.read_hf(ckpt, leaf.hf_name(layer, expert), copy=False)
   dt = np.dtype(leaf.spec.dtype or dtype)
   return lambda layer, expert: _per_slice(leaf, ckpt, layer, expert, dt)
-
-
-def read_leaf_host(leaf: Leaf, get: Callable, empty: Callable = np.empty):
-  """A whole leaf in host memory (numpy, or a QuantizedWeight of numpy), each slice read once into
-  buffers from `empty(shape, dtype)`."""
-  from k2jax import int4  # noqa: PLC0415
-  batch = tuple(leaf.spec.shape[:leaf.batch_dims])
-  if not batch:  # one slice: already a fresh array of its own
-    return get(None, None)
-  outs = None
-  for layer, e in leaf.slices():
-    part = get(layer, e)
-    parts = (part.packed, part.scales) if isinstance(part, int4.QuantizedWeight) else (part,)
-    if outs is None:
-      outs = [empty(batch + p.shape, p.dtype) for p in parts]
-    pos = tuple(i for i in (layer, e) if i is not None)
-    for o, p in zip(outs, parts):
-      o[pos] = p
-  return int4.QuantizedWeight(*outs) if isinstance(part, int4.QuantizedWeight) else outs[0]
 
 
 def load_leaf(leaf: Leaf, ckpt: Checkpoint, dtype, sharding, keep_int4: bool, get: Callable | None = None):

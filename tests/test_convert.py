@@ -62,6 +62,27 @@ def _assert_same_tensors(a_dir, b_dir):
     np.testing.assert_array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8), err_msg=k)
 
 
+@pytest.mark.parametrize("dtype,to", [(ml_dtypes.bfloat16, None), (np.int32, None), (np.float32, ml_dtypes.bfloat16),
+                                      (ml_dtypes.bfloat16, np.float32)])
+def test_tiled_copy_into_place_equals_numpy(dtype, to):
+  """The converter's transposed copies (tiles over rows and columns, bf16 copied as uint16, casts on the
+  way) against numpy's plain copy, on shapes that leave partial tiles in every tiled axis."""
+  from k2jax.convert import reading  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  to = to or dtype
+  for shape, perm in [((reading.TILE_COLS * 3 + 5, reading.TILE_ROWS + 7), (1, 0)),   # HF [out, in] -> [in, out]
+                      ((3 * reading.TILE_COLS + 1, 12, 4), (2, 1, 0)),                # INT4 words -> [4, K/32, N]
+                      ((5, 9), (1, 0)), ((2, 3, 70), (0, 1, 2))]:                     # small; already in order
+    src = rng.standard_normal(shape).astype(np.float32)
+    src = (src * 2**20).astype(dtype) if dtype == np.int32 else src.astype(dtype)
+    view = src.transpose(perm)
+    dst = np.empty(view.shape, to)
+    reading.copy_into(dst, view)
+    np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
+  with pytest.raises(ValueError, match="copy of a"):
+    reading.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
+
+
 def test_round_trip_reproduces_every_tensor_and_config_field(k2t, converted, tmp_path):
   back = str(tmp_path / "back")
   export(converted, back, progress=False)

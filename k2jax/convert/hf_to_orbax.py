@@ -1,6 +1,7 @@
 """HF safetensors -> k2jax's Orbax layout: validated first, streamed leaf by leaf, committed atomically."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -11,7 +12,7 @@ import jax
 from k2jax import hf
 from k2jax import params as params_lib
 from k2jax.config import K2Config
-from k2jax.convert import layout
+from k2jax.convert import layout, reading
 from k2jax.safetensors_io import Checkpoint
 
 
@@ -66,14 +67,15 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   written = 0
   try:
     pool = layout.BufferPool()
-    with layout.Staging(output_dir) as stage, layout.ParamsWriter(stage.tmp, pool=pool) as writer:
+    with (layout.Staging(output_dir) as stage, layout.ParamsWriter(stage.tmp, pool=pool) as writer,
+          concurrent.futures.ThreadPoolExecutor(reading.workers(), "k2-convert-read") as readers):
       for leaf in all_leaves:
         bar.leaf(leaf.path)
         keep = leaf.path in int4_leaves
-        get = _counting(hf.slice_reader(leaf, ckpt, dt, keep), leaf, ckpt, bar)
         if shardings is None:
-          value = hf.read_leaf_host(leaf, get, pool.empty)
+          value = reading.read_leaf(leaf, ckpt, dt, keep, pool.empty, readers, bar.update)
         else:
+          get = _counting(hf.slice_reader(leaf, ckpt, dt, keep), leaf, ckpt, bar)
           value = hf.load_leaf(leaf, ckpt, dt, shardings[leaf.path], keep, get=get)
         written += layout.nbytes(value)
         writer.write(leaf.path, value)

@@ -5,6 +5,7 @@ so `--checkpoint` / `init_from` load it; OUT/hf/ keeps the source's small files 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import time
@@ -83,16 +84,36 @@ class Staging:
     return os.path.join(self.tmp, *parts)
 
   def commit(self) -> None:
+    """Makes everything written durable (each host its own writes), then renames it into place."""
+    sync_tree(self.tmp)
     _barrier("k2jax-convert-commit")
     if process_index() == 0:
       if os.path.isdir(self.output):
         os.rmdir(self.output)  # empty, checked on entry
       os.replace(self.tmp, self.output)
+      _fsync(os.path.dirname(self.output))  # the rename itself
     _barrier("k2jax-convert-committed")
 
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is not None and process_index() == 0:
       shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def sync_tree(root: str) -> None:
+  """fsync of every file and folder under `root`, and `root`: written data is on disk, not only in the
+  page cache, before the rename that commits it (a crash can then never leave a committed checkpoint
+  with files missing their data)."""
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # fsyncs of different files overlap
+    for folder, _, files in os.walk(root):
+      list(pool.map(_fsync, [os.path.join(folder, f) for f in files] + [folder]))
 
 
 class BufferPool:
@@ -132,7 +153,9 @@ def _huge_empty(n: int) -> np.ndarray:
   """n bytes, asking the kernel for transparent huge pages (fewer faults) where it allows."""
   import mmap  # noqa: PLC0415
   try:
-    m = mmap.mmap(-1, n)
+    # Private: a shared anonymous map is shmem, which gets no transparent huge pages unless the
+    # kernel's shmem_enabled says so (it rarely does).
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
       m.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(m, np.uint8)
