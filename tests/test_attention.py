@@ -1,11 +1,13 @@
 """Blockwise (flash) attention against the plain full-score path: values, max logits and gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax import model as model_lib, params as params_lib, presets
-from k2jax.attention import flash
+from k2jax import model as model_lib, params as params_lib, presets, sharding
+from k2jax.attention import attend, flash
 from k2jax.attention.flash import Mask, flash_attention, reference_attention
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -47,7 +49,8 @@ def test_flash_equals_plain_values_max_logits_and_grads(shared_v, blocks):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
 
 
-def test_flash_reads_a_layer_of_a_cache_stack():
+@pytest.mark.parametrize("impl", ["flash", "pallas"])
+def test_flash_reads_a_layer_of_a_cache_stack(impl):
   """The absorbed layout: one shared key/value per token, read from layer 1 of a [L, B, S, .] stack."""
   S, C = 40, 6
   ks = jax.random.split(jax.random.key(1), 4)
@@ -55,11 +58,40 @@ def test_flash_reads_a_layer_of_a_cache_stack():
   c_lbsc, pe_lbsp = jax.random.normal(ks[2], (2, B, S, C)), jax.random.normal(ks[3], (2, B, S, P))
   start = jnp.array([5, 21])
   mask = Mask(jnp.array([[1, 1, 0], [1, 1, 1]]), start[:, None] + jnp.arange(3))
-  got, m1 = flash_attention(q, (c_lbsc, pe_lbsp), c_lbsc, mask, 0.5, block_q=2, block_k=16, layer=1)
+  if impl == "flash":
+    got, m1 = flash_attention(q, (c_lbsc, pe_lbsp), c_lbsc, mask, 0.5, block_q=2, block_k=16, layer=1)
+  else:
+    got, m1 = attend(q, (c_lbsc, pe_lbsp), c_lbsc, mask, 0.5, impl="pallas", layer=1)
   want, m2 = reference_attention(q, (c_lbsc[1], pe_lbsp[1]), c_lbsc[1], mask, 0.5)
   valid = np.asarray(mask.q_seg_bt != 0)
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(m1, m2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_pallas_attention_under_a_mesh_splits_batch_and_heads(shared):
+  """Under `use_mesh` the kernels run per (batch, head) shard in shard_map; values and gradients as plain
+  (a shared key/value is replicated over the head shards, its gradient summed over them)."""
+  ks = jax.random.split(jax.random.key(2), 5)
+  q = (jax.random.normal(ks[0], (B, T, 4, K)), jax.random.normal(ks[1], (B, T, 4, P)))  # 2 heads per shard
+  k = (jax.random.normal(ks[2], (B, T, K) if shared else (B, T, 4, K)), jax.random.normal(ks[3], (B, T, P)))
+  v = jax.random.normal(ks[4], (B, T, H) if shared else (B, T, 4, H))
+  mask = Mask(jnp.asarray(SEG), jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.asarray(SEG))
+  w = jax.random.normal(jax.random.key(9), (B, T, 4, H))
+  valid = jnp.asarray(SEG != 0)[:, :, None, None]
+
+  def loss(impl, q, k, v):
+    out, mx = attend(q, k, v, mask, 0.3, impl=impl)
+    return jnp.sum(jnp.where(valid, out * w, 0.0)), mx
+
+  with sharding.use_mesh(sharding.make_mesh("data:2,fsdp:2,tensor:2")):
+    (l1, m1), g1 = jax.jit(jax.value_and_grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2),
+                                              has_aux=True))(q, k, v)
+  (l2, m2), g2 = jax.value_and_grad(functools.partial(loss, "plain"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  np.testing.assert_allclose(m1, m2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
 
 
 @pytest.mark.parametrize("impl", ["flash", "pallas"])

@@ -3,7 +3,9 @@
 Scores there are a sum of parts (q_nope.k_nope + q_pe.k_pe, the rope key shared by heads); the kernels take
 one q/k per head, so the parts are concatenated along the head dim (a shared part broadcast over heads when
 another part is per-head). When every key part and v are shared (the absorbed latent), the kernels get one
-kv head and sum dK/dV over heads themselves.
+kv head and sum dK/dV over heads themselves. Under a mesh (`sharding.use_mesh`) the kernels run per shard
+in shard_map, split over batch and heads as the activations are (a Pallas call is opaque to XLA's
+partitioner, which would otherwise gather every operand to each device).
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from k2jax import sharding
 from k2jax.attention.flash import Mask
 from k2jax.kernels.flash_attention import flash_mha
 
@@ -37,7 +41,20 @@ def pallas_attention(q_parts, k_parts, v, mask: Mask, scale: float, *, platform:
     k_bhsd = jnp.concatenate([_per_head(k, N) for k in k_parts], axis=-1).transpose(0, 2, 1, 3)
     v_bhsv = _per_head(v, N).transpose(0, 2, 1, 3)
   k_seg_bs = jnp.ones((B, S), jnp.int32) if mask.k_seg_bs is None else mask.k_seg_bs
-  out_bntv, _, max_bnt = flash_mha(q_bntd, k_bhsd.astype(q_bntd.dtype), v_bhsv, mask.q_seg_bt, mask.q_index_bt,
-                                   k_seg_bs, scale=scale, block_q=block_q, block_k=block_k, platform=platform,
-                                   interpret=interpret)
+
+  def run(q, k, v, q_seg, q_idx, k_seg):
+    out, _, mx = flash_mha(q, k, v, q_seg, q_idx, k_seg, scale=scale, block_q=block_q, block_k=block_k,
+                           platform=platform, interpret=interpret)
+    return out, mx
+
+  ctx = sharding.current()
+  if ctx is not None and ctx[0].size > 1:
+    mesh, rules = ctx
+    batch, heads = sharding.partition_spec(("batch", "heads"), mesh, rules, (B, N))
+    kv_heads = heads if k_bhsd.shape[1] == N else None  # a shared key is replicated over head shards
+    rows, kv = P(batch, heads), P(batch, kv_heads)
+    # check_vma=False: pallas_call's outputs carry no varying-axes type.
+    run = jax.shard_map(run, mesh=mesh, in_specs=(rows, kv, kv, P(batch), P(batch), P(batch)),
+                        out_specs=(rows, rows), check_vma=False)
+  out_bntv, max_bnt = run(q_bntd, k_bhsd.astype(q_bntd.dtype), v_bhsv, mask.q_seg_bt, mask.q_index_bt, k_seg_bs)
   return out_bntv.transpose(0, 2, 1, 3), jax.lax.stop_gradient(max_bnt.max(axis=(0, 2)))
