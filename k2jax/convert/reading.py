@@ -24,7 +24,8 @@ TILE_ROWS = 512
 
 def workers() -> int:
   """Threads that read and transpose slices (numpy and file reads release the GIL)."""
-  return max(1, min(4, len(os.sched_getaffinity(0))))
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return max(1, min(4, cpus))
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
