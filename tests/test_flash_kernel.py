@@ -114,3 +114,34 @@ def test_hardware_blocks_are_validated():
   assert fa.fit_blocks(37, 37, 256, 256, "tpu", strict=True) == (40, 40)  # one block covers a short sequence
   assert fa.fit_blocks(37, 100, 64, 64, "gpu", strict=True) == (64, 64)
   assert (fa.head_dim(192, "tpu"), fa.head_dim(576, "tpu"), fa.head_dim(192, "gpu")) == (256, 640, 256)
+
+
+def test_bf16_inputs_stay_close_to_the_fp32_reference():
+  """bf16 q, k, v (head dims padded, fp32 inside the kernels): out and gradients in bf16 within bf16's error."""
+  ks = jax.random.split(jax.random.key(3), 4)
+  q, k = jax.random.normal(ks[0], (B, N, T, D)), jax.random.normal(ks[1], (B, N, T, D))
+  v, w = jax.random.normal(ks[2], (B, N, T, Dv)), jax.random.normal(ks[3], (B, N, T, Dv))
+  valid = np.asarray(SEG != 0)[:, None, :, None]
+  bf = lambda x: x.astype(jnp.bfloat16)
+
+  def loss(q, k, v):
+    out = flash_mha(q, k, v, SEG, IDX, SEG, scale=0.1, block_q=16, block_k=32, platform="gpu", interpret=True)[0]
+    return jnp.sum(jnp.where(valid, out.astype(jnp.float32) * w, 0))
+
+  g1 = jax.grad(loss, argnums=(0, 1, 2))(bf(q), bf(k), bf(v))
+  g2 = jax.grad(lambda q, k, v: jnp.sum(jnp.where(valid, _plain(q, k, v, 0.1)[0] * w, 0)), argnums=(0, 1, 2))(
+      *(bf(x).astype(jnp.float32) for x in (q, k, v)))
+  for a, b in zip(g1, g2):
+    assert a.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(a, np.float32) - b).max() <= 2e-2 * np.abs(b).max()
+
+
+def test_dispatch_picks_the_kernel_per_backend():
+  from k2jax.kernels import dispatch
+  assert dispatch.flash_attention_impl(1 << 20, backend="gpu")[:2] == ("gpu", "pallas")
+  assert dispatch.flash_attention_impl(1 << 20, backend="tpu")[:2] == ("tpu", "pallas")
+  assert dispatch.flash_attention_impl(1 << 30, backend="tpu")[:2] == ("tpu", "xla")  # K/V past VMEM
+  assert dispatch.flash_attention_impl(1 << 20, backend="cpu")[:2] == ("cpu", "xla")
+  assert dispatch.flash_attention_impl(backend="cpu", impl="pallas") == ("gpu", "pallas", True)
+  with pytest.raises(ValueError, match="attention impl"):
+    dispatch.flash_attention_impl(impl="triton")
