@@ -13,12 +13,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Environments (k2jax.envs) with their options; `env` is where an axis is measured unless `axis_env`
   # names another (tool use is measured where the answer needs a tool).
   cfg.envs = ml_collections.ConfigDict({
-      "arith": {"digits": 2, "cut_frac": 0.2},
+      "arith": {"digits": 2, "cut_frac": 0.2, "empty_frac": 0.5},
       "lookup": {"table_size": 6},
   })
   cfg.env = "arith"
   cfg.axis_env = ml_collections.ConfigDict({"tool_steps": "lookup"})
   cfg.n_problems = 64               # held-out problems per point (the same ones for every point of an axis)
+  # Axes given more problems: voting moves accuracy by less than the other axes do, so its intervals
+  # need more problems to separate.
+  cfg.axis_problems = ml_collections.ConfigDict({"parallel": 256, "heavy": 256})
 
   # Axes: each a tuple of values (--config.axes.parallel='(1, 4)'); a point changes one axis and keeps the others at `base`.
   cfg.axes = ml_collections.ConfigDict({
@@ -35,16 +38,23 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.max_new_tokens = 48           # per agent turn
   cfg.batch_size = 128              # engine rows per call (fixed, so few shapes compile)
   cfg.max_len = 640                 # engine cache length (prompt + turn)
+  # How heavy mode's aggregation pass sees the attempts (infer/heavy.PROMPTS): "compact" lists the answers
+  # one per line, which the tiny model reads; "default" is heavy mode's own prose prompt (for real models).
+  cfg.aggregation_prompt = "compact"
 
   # Training of the embedded default (skipped with --checkpoint / --hf_dir; cached in the workdir).
   cfg.train = ml_collections.ConfigDict()
   # 1600 lookup conversations: with 600 the model called the tool but copied neither the item nor the code.
   cfg.train.examples_per_env = ml_collections.ConfigDict({"arith": 4000, "lookup": 1600})
-  cfg.train.aggregate_frac = 0.12   # share of warm-start examples that teach heavy mode's aggregation
+  # Warm-start conversations that teach heavy mode's aggregation pass (k2jax.envs.aggregation_examples):
+  # per environment, with 1-8 attempts; the target is the attempts' plurality, the task's answer in
+  # `right_frac` of them, so the pass learns to read the attempts rather than to add again.
+  cfg.train.aggregation = ml_collections.ConfigDict({
+      "examples": {"arith": 5000}, "num_candidates": (1, 2, 3, 4, 5, 6, 7, 8), "right_frac": 0.7})
   cfg.train.sft = sft_tiny.get_config()
   cfg.train.sft.data.seq_len = 256
   cfg.train.sft.data.batch_size = 12
-  cfg.train.sft.num_steps = 400
+  cfg.train.sft.num_steps = 800
   cfg.train.sft.optimizer.peak_lr = 3e-3
   cfg.train.sft.optimizer.end_lr = 3e-4
   cfg.train.sft.optimizer.warmup_steps = 10

@@ -12,8 +12,31 @@ DEFAULT_AGGREGATION_PROMPT = (
     "Here are {n} independent attempts at the task above.\n\n{attempts}\n\n"
     "Compare them, check their reasoning and results against each other, and write the single best final "
     "answer.")
+DEFAULT_ATTEMPT = "### Attempt {i} ({tool_calls} tool calls)\n{answer}"
 
 BatchPolicy = Callable[[list[str]], list[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationPrompt:
+  """How the aggregation pass sees the attempts: `template` with {n} and {attempts}; each attempt is
+  `attempt` with {i}, {tool_calls} and {answer}, joined by `separator`."""
+  template: str = DEFAULT_AGGREGATION_PROMPT
+  attempt: str = DEFAULT_ATTEMPT
+  separator: str = "\n\n"
+
+  def request(self, answers: Sequence[str], tool_calls: Sequence[int] | None = None) -> str:
+    tool_calls = tool_calls or [0] * len(answers)
+    attempts = self.separator.join(self.attempt.format(i=i, tool_calls=k, answer=a)
+                                   for i, (a, k) in enumerate(zip(answers, tool_calls), 1))
+    return self.template.format(n=len(answers), attempts=attempts)
+
+
+DEFAULT = AggregationPrompt()
+# For small models: one short line per attempt, no prose to read past (2-3 tokens of answer each).
+COMPACT = AggregationPrompt(template="{n} answers:\n{attempts}\nMost common answer:", attempt="{answer}",
+                            separator="\n")
+PROMPTS = {"default": DEFAULT, "compact": COMPACT}
 
 
 @dataclasses.dataclass
@@ -23,25 +46,32 @@ class HeavyResult:
   aggregation_text: str
 
 
+def _answer(t: Trajectory) -> str:
+  return t.final_answer if t.final_answer is not None else f"(no answer: {t.stop_reason})"
+
+
 def format_attempts(trajectories: Sequence[Trajectory]) -> str:
-  parts = []
-  for i, t in enumerate(trajectories, 1):
-    answer = t.final_answer if t.final_answer is not None else f"(no answer: {t.stop_reason})"
-    parts.append(f"### Attempt {i} ({t.num_tool_calls} tool calls)\n{answer}")
-  return "\n\n".join(parts)
+  """The attempts as the default prompt lists them."""
+  return DEFAULT.separator.join(DEFAULT.attempt.format(i=i, tool_calls=t.num_tool_calls, answer=_answer(t))
+                                for i, t in enumerate(trajectories, 1))
+
+
+def _prompt(template: str | AggregationPrompt) -> AggregationPrompt:
+  return template if isinstance(template, AggregationPrompt) else AggregationPrompt(template=template)
 
 
 def aggregation_request(messages: Sequence[Mapping[str, Any]], trajectories: Sequence[Trajectory],
-                       template: str = DEFAULT_AGGREGATION_PROMPT) -> str:
-  """The rendered prompt of the aggregation pass: the task, then every attempt's final answer."""
-  request = template.format(n=len(trajectories), attempts=format_attempts(trajectories))
+                       template: str | AggregationPrompt = DEFAULT_AGGREGATION_PROMPT) -> str:
+  """The rendered prompt of the aggregation pass: the task, then every attempt's final answer.
+  `template` is an `AggregationPrompt` or the string template of the default one."""
+  request = _prompt(template).request([_answer(t) for t in trajectories], [t.num_tool_calls for t in trajectories])
   return chat.render([*messages, {"role": "user", "content": request}])
 
 
 def heavy_mode(batch_policy: BatchPolicy, messages: Sequence[Mapping[str, Any]], *, n: int = 8,
                count_tokens: Callable[[str], int], tools: Sequence[Tool] = (), max_steps: int = 8,
                context_budget_tokens: int = 1 << 18,
-               aggregation_prompt: str = DEFAULT_AGGREGATION_PROMPT,
+               aggregation_prompt: str | AggregationPrompt = DEFAULT_AGGREGATION_PROMPT,
                aggregate_policy: BatchPolicy | None = None) -> HeavyResult:
   """Runs `n` copies of the conversation in lockstep (one batched policy call per step; sampling makes
   them differ), then asks the model once more, with every attempt in view, for the final answer.

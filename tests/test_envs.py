@@ -6,6 +6,7 @@ import pytest
 
 from k2jax import chat, envs
 from k2jax.envs import base
+from k2jax.infer import heavy
 from k2jax.infer.agent import run_agent
 from k2jax.tokenizer_build import tiny_tokenizer
 from k2jax.train import data
@@ -122,3 +123,22 @@ def test_aggregation_target_is_the_majority():
     sizes.add(len(listed))
     assert chat.render(conv)  # renders
   assert sizes == {1, 2, 4, 8}
+
+
+def test_compact_aggregation_examples_target_the_plurality_right_or_wrong():
+  env = envs.get("arith", digits=2)
+  tok = tiny_tokenizer()
+  convs = base.aggregation_examples(env, 0, 200, tuple(range(1, 9)), prompt=heavy.COMPACT, right_frac=0.5)
+  n_right, sizes = 0, set()
+  for i, conv in enumerate(convs):
+    lines = conv[-2]["content"].split("\n")
+    assert lines[0] == f"{len(lines) - 2} answers:" and lines[-1] == "Most common answer:"
+    listed = lines[1:-1]
+    top = collections.Counter(listed).most_common()
+    assert top[0][0] == conv[-1]["content"] and (len(top) == 1 or top[1][1] < top[0][1])  # strict plurality
+    n_right += env.extract_answer(conv[-1]["content"]) == env.reset(i).answer
+    sizes.add(len(listed))
+    ids, w = data.chat_document(tok, conv)
+    assert len(ids) < 160 and w.sum() > 0  # eight attempts fit a short training row
+  assert sizes == set(range(1, 9))
+  assert 70 <= n_right <= 130  # the target is the plurality, not the task's answer: about half are right

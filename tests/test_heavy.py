@@ -6,6 +6,7 @@ import jax
 
 from k2jax import chat, params, presets, tokenizer_build
 from k2jax.infer.engine import Engine
+from k2jax.infer import heavy
 from k2jax.infer.heavy import heavy_mode
 from k2jax.infer.policy import EnginePolicy
 from k2jax.infer.sampling import SamplingParams
@@ -26,6 +27,24 @@ def test_heavy_mode_scripted_sees_every_attempt():
   assert [len(c) for c in calls] == [8, 1]  # one batch of 8, then the aggregation
   assert [t.final_answer for t in res.trajectories] == [f"answer {i}" for i in range(8)]
   assert res.final_answer == "final 8"
+
+
+def test_heavy_mode_compact_prompt_lists_every_answer():
+  seen = []
+
+  def policy(prompts):
+    seen.append(prompts[0])
+    return ["<think></think>final"] if "answers:" in prompts[0] else [f"<think></think>{i} {i}" for i in
+                                                                      range(len(prompts))]
+
+  res = heavy_mode(policy, [{"role": "user", "content": "2+2?"}], n=3, count_tokens=len,
+                   aggregation_prompt=heavy.COMPACT)
+  assert "3 answers:\n0 0\n1 1\n2 2\nMost common answer:<|im_end|>" in seen[-1]
+  assert res.final_answer == "final"
+  # A plain string is the template of the default prompt, as before.
+  assert heavy.aggregation_request([], res.trajectories, heavy.DEFAULT_AGGREGATION_PROMPT) == \
+      heavy.aggregation_request([], res.trajectories, heavy.DEFAULT)
+  assert "### Attempt 2 (0 tool calls)\n1 1" in heavy.format_attempts(res.trajectories)
 
 
 def test_heavy_mode_on_tiny_model_in_one_batch():

@@ -107,37 +107,43 @@ def score_answer(env: Env, task: Task, trajectory: Any, format_weight: float) ->
 # ------------------------------------------------------------------ heavy-mode aggregation examples
 
 
-def aggregation_examples(env: Env, seed: int, n: int, num_candidates: Sequence[int] = (1, 2, 4, 8)) -> list[list[dict]]:
+def _near_miss(answer: str, rng: random.Random) -> str:
+  """`answer` with one digit changed, as a sampling model's wrong answers mostly are."""
+  digits = list(answer)
+  k = rng.randrange(len(digits))
+  digits[k] = str((int(digits[k]) + rng.randint(1, 9)) % 10)
+  return "".join(digits)
+
+
+def aggregation_examples(env: Env, seed: int, n: int, num_candidates: Sequence[int] = (1, 2, 4, 8), *,
+                         prompt=None, right_frac: float = 1.0) -> list[list[dict]]:
   """Conversations teaching the aggregation pass of heavy mode (`infer/heavy.py`): the task, then the
-  candidate answers in heavy mode's own prompt, then the answer most candidates agree on. Each example
-  has N candidates, N drawn from `num_candidates` (heavy mode runs with any N); the right answer holds a
-  strict plurality, often below half, and the wrong ones are near misses (one digit changed), as a
-  sampling model's are."""
-  from k2jax.infer.agent import Trajectory  # noqa: PLC0415
-  from k2jax.infer.heavy import DEFAULT_AGGREGATION_PROMPT, format_attempts  # noqa: PLC0415
+  candidate answers in heavy mode's prompt (`prompt`, an `AggregationPrompt`; default: heavy mode's
+  own), then the answer most candidates agree on. Each example has N candidates, N drawn from
+  `num_candidates` (heavy mode runs with any N); the top answer holds a strict plurality, often below
+  half, and the others are near misses (one digit changed), as a sampling model's are. The top answer
+  is the task's answer in a share `right_frac` of the examples and a near miss otherwise, so that the
+  target is always the plurality: the pass learns to read the attempts, not to solve the task again."""
+  from k2jax.infer import heavy  # noqa: PLC0415
+  prompt = prompt or heavy.DEFAULT
   rng = random.Random(f"aggregate:{env.name}:{seed}")
   out = []
   for i in range(n):
     task = env.reset(seed + i)
-    right = spaced(task.answer)
+    top = task.answer if rng.random() < right_frac else _near_miss(task.answer, rng)
     size = rng.choice(tuple(num_candidates))
     while True:
-      n_right = rng.randint(max(1, (size + 2) // 3), size)
-      wrong = []
-      for _ in range(size - n_right):
-        digits = list(task.answer)
-        k = rng.randrange(len(digits))
-        digits[k] = str((int(digits[k]) + rng.randint(1, 9)) % 10)
-        wrong.append(spaced("".join(digits)))
-      counts = collections.Counter([right] * n_right + wrong).most_common(2)
-      if counts[0][0] == right and (len(counts) == 1 or counts[1][1] < n_right):
+      n_top = rng.randint(1, size)
+      # Next to a wrong top answer the right one may stand in a minority, as it does in sampling.
+      others = [task.answer if top != task.answer and rng.random() < 0.3 else _near_miss(task.answer, rng)
+                for _ in range(size - n_top)]
+      counts = collections.Counter([top] * n_top + others).most_common(2)
+      if counts[0][0] == top and (len(counts) == 1 or counts[1][1] < n_top):
         break
-    answers = [right] * n_right + wrong
+    answers = [spaced(a) for a in [top] * n_top + others]
     rng.shuffle(answers)
-    attempts = format_attempts([Trajectory(messages=[], final_answer=a, stop_reason="answer") for a in answers])
-    request = DEFAULT_AGGREGATION_PROMPT.format(n=len(answers), attempts=attempts)
-    out.append([*task.messages, {"role": "user", "content": request},
-                {"role": "assistant", "reasoning_content": "", "content": right}])
+    out.append([*task.messages, {"role": "user", "content": prompt.request(answers)},
+                {"role": "assistant", "reasoning_content": "", "content": spaced(top)}])
   return out
 
 

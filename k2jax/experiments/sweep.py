@@ -127,15 +127,17 @@ def rollouts(generate: Generator, env, tasks: Sequence, n: int, setting: Setting
       r.advance(text)
 
 
-def measure(generate: Generator, env, tasks: Sequence, setting: Setting, axis: str, value: int) -> PointResult:
+def measure(generate: Generator, env, tasks: Sequence, setting: Setting, axis: str, value: int,
+            aggregation_prompt: str | heavy.AggregationPrompt = heavy.DEFAULT_AGGREGATION_PROMPT) -> PointResult:
   """Accuracy of `setting` on `tasks` with its Wilson interval, mean generated tokens per problem
-  (every trajectory and the aggregation pass counted) and wall seconds."""
+  (every trajectory and the aggregation pass counted) and wall seconds; heavy mode's aggregation pass
+  sees the attempts in `aggregation_prompt`."""
   t0, tokens0 = time.perf_counter(), generate.tokens_generated
   sampling = SamplingParams(temperature=setting.temperature)
   n = max(setting.parallel, setting.heavy, 1)
   groups = rollouts(generate, env, tasks, n, setting, sampling)
   if setting.heavy:
-    prompts = [heavy.aggregation_request(task.messages, trajs) for task, trajs in zip(tasks, groups)]
+    prompts = [heavy.aggregation_request(task.messages, trajs, aggregation_prompt) for task, trajs in zip(tasks, groups)]
     finals = [chat.parse(text).content for text in generate(prompts, sampling, setting.thinking_budget)]
   elif setting.parallel > 1:
     finals = [majority_vote([env.extract_answer(t.final_answer) if t.final_answer is not None else None

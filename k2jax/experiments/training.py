@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
@@ -32,14 +33,22 @@ def sft_conversations(cfg) -> list[tuple[list[dict], list[dict]]]:
   """(messages, tool declarations) of every warm-start example; tools are declared where a
   conversation calls them, as the environment's tasks declare them."""
   from k2jax import envs  # noqa: PLC0415
+  from k2jax.infer import heavy  # noqa: PLC0415
   out = []
+  agg = cfg.train.aggregation
   for name, n in cfg.train.examples_per_env.items():
-    options = {**dict(cfg.envs.get(name, {})), "aggregate_frac": cfg.train.aggregate_frac}
-    env = envs.get(name, **options)
+    env = envs.get(name, **dict(cfg.envs.get(name, {})))
     tools = env.reset(0).tools
     for messages in env.sft_examples(cfg.seed, int(n)):
       calls = any(m.get("tool_calls") for m in messages)
       out.append((messages, tools if calls else []))
+    # Heavy mode's aggregation pass, in the prompt the sweep uses, on tasks after the ones above.
+    n_agg = int(agg.examples.get(name, 0))
+    if n_agg:
+      out.extend((m, []) for m in envs.aggregation_examples(
+          env, cfg.seed + int(n), n_agg, tuple(agg.num_candidates), prompt=heavy.PROMPTS[cfg.aggregation_prompt],
+          right_frac=agg.right_frac))
+  random.Random(f"tts-sft:{cfg.seed}").shuffle(out)
   return out
 
 
@@ -88,7 +97,8 @@ def _rl(cfg, workdir: Path, sft_dir: Path, progress: bool) -> dict[int, Path]:
 
 
 def _record(cfg) -> dict:
-  return json.loads(ml_collections.ConfigDict({"seed": cfg.seed, "envs": cfg.envs, "train": cfg.train})
+  return json.loads(ml_collections.ConfigDict({"seed": cfg.seed, "envs": cfg.envs, "train": cfg.train,
+                                              "aggregation_prompt": cfg.aggregation_prompt})
                     .to_json_best_effort())
 
 

@@ -89,6 +89,12 @@ def make_plan(cfg: ml_collections.ConfigDict, axes_flag: list[str] | None = None
         sweep.Setting(**{**base, a: v, "parallel": v if a == "parallel" else 1, "heavy": v if a == "heavy" else 0})
   except (TypeError, ValueError) as e:
     raise SweepError(str(e)) from None
+  from k2jax.infer import heavy  # noqa: PLC0415
+  if cfg.aggregation_prompt not in heavy.PROMPTS:
+    raise SweepError(f"unknown aggregation_prompt {cfg.aggregation_prompt!r}; known: {', '.join(heavy.PROMPTS)}")
+  bad = [a for a in sweep.AXES if problems_of(cfg, a) < 1]
+  if bad:
+    raise SweepError(f"axis {bad[0]!r} has {problems_of(cfg, bad[0])} problems; give it at least one")
   env_of = {a: cfg.axis_env.get(a, cfg.env) for a in axes}
   for name in sorted(set(env_of.values())):
     try:
@@ -96,6 +102,11 @@ def make_plan(cfg: ml_collections.ConfigDict, axes_flag: list[str] | None = None
     except ValueError as e:
       raise SweepError(str(e)) from None
   return Plan(axes, env_of, sweep.Setting(**base, temperature=cfg.temperature))
+
+
+def problems_of(cfg, axis: str) -> int:
+  """Held-out problems of an axis: `n_problems` unless `axis_problems` gives it more (or fewer)."""
+  return int(cfg.get("axis_problems", {}).get(axis, cfg.n_problems))
 
 
 def point_setting(plan: Plan, cfg, axis: str, value: int) -> sweep.Setting:
@@ -143,14 +154,18 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
   from k2jax import sharding  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
   from k2jax.experiments import plots  # noqa: PLC0415
+  from k2jax.infer import heavy  # noqa: PLC0415
 
   points = [(a, v) for a, values in plan.axes.items() for v in values]
   bar = _progress(len(points), progress)
   results: list[sweep.PointResult] = []
   engine = generate = None
   loaded_step = None
-  seeds = envs.task_seeds("eval", cfg.n_problems)
-  tasks_of = {name: [_env(cfg, name).reset(s) for s in seeds] for name in sorted(set(plan.env_of.values()))}
+  tasks_of = {}  # (environment, problems) -> the held-out tasks; an axis's points share them
+  for axis in plan.axes:
+    key = (plan.env_of[axis], problems_of(cfg, axis))
+    if key not in tasks_of:
+      tasks_of[key] = [_env(cfg, key[0]).reset(s) for s in envs.task_seeds("eval", key[1])]
   try:
     for axis, value in points:
       setting = point_setting(plan, cfg, axis, value)
@@ -165,7 +180,8 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
         engine.params = params  # same shapes: the compiled steps are reused
         loaded_step = setting.rl_step
       env = _env(cfg, plan.env_of[axis])
-      r = sweep.measure(generate, env, tasks_of[env.name], setting, axis, value)
+      r = sweep.measure(generate, env, tasks_of[env.name, problems_of(cfg, axis)], setting, axis, value,
+                        heavy.PROMPTS[cfg.aggregation_prompt])
       results.append(r)
       if bar is not None:
         bar.set_postfix_str(f"{axis}={value} acc={r.accuracy:.2f}")
