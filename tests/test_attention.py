@@ -49,9 +49,10 @@ def test_flash_equals_plain_values_max_logits_and_grads(shared_v, blocks):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
 
 
-@pytest.mark.parametrize("impl", ["flash", "pallas"])
+@pytest.mark.parametrize("impl", ["flash", "pallas", "pallas_mesh"])
 def test_flash_reads_a_layer_of_a_cache_stack(impl):
-  """The absorbed layout: one shared key/value per token, read from layer 1 of a [L, B, S, .] stack."""
+  """The absorbed layout: one shared key/value per token, read from layer 1 of a [L, B, S, .] stack
+  (by the split-K decode kernel for "pallas", per (batch, head) shard under a mesh for "pallas_mesh")."""
   S, C = 40, 6
   ks = jax.random.split(jax.random.key(1), 4)
   q = (jax.random.normal(ks[0], (B, 3, N, C)), jax.random.normal(ks[1], (B, 3, N, P)))
@@ -60,8 +61,12 @@ def test_flash_reads_a_layer_of_a_cache_stack(impl):
   mask = Mask(jnp.array([[1, 1, 0], [1, 1, 1]]), start[:, None] + jnp.arange(3))
   if impl == "flash":
     got, m1 = flash_attention(q, (c_lbsc, pe_lbsp), c_lbsc, mask, 0.5, block_q=2, block_k=16, layer=1)
-  else:
+  elif impl == "pallas":
     got, m1 = attend(q, (c_lbsc, pe_lbsp), c_lbsc, mask, 0.5, impl="pallas", layer=1)
+  else:
+    with sharding.use_mesh(sharding.make_mesh("data:2,fsdp:4")):
+      got, m1 = jax.jit(lambda q, k, v: attend(q, k, v, mask, 0.5, impl="pallas", layer=1))(
+          q, (c_lbsc, pe_lbsp), c_lbsc)
   want, m2 = reference_attention(q, (c_lbsc[1], pe_lbsp[1]), c_lbsc[1], mask, 0.5)
   valid = np.asarray(mask.q_seg_bt != 0)
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)

@@ -106,6 +106,18 @@ def test_1t_shapes_lower_for_mosaic_and_triton(platform):
     assert lowered.as_text()
 
 
+def test_1t_decode_lowers_for_triton():
+  """K2's absorbed decode step (64 heads, latent 512 + rope 64) over a 32k-slot cache stack, for Triton."""
+  from k2jax.kernels.flash_decode import flash_decode
+  c, sds = presets.K2_THINKING, jax.ShapeDtypeStruct
+  n, C, Pd, S = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, 32768
+  args = ((sds((4, 1, n, C), jnp.bfloat16), sds((4, 1, n, Pd), jnp.bfloat16)),
+          (sds((2, 4, S, C), jnp.bfloat16), sds((2, 4, S, Pd), jnp.bfloat16)), sds((2, 4, S, C), jnp.bfloat16),
+          sds((), jnp.int32), sds((4, 1), jnp.int32), sds((4, 1), jnp.int32))
+  fn = lambda *a: flash_decode(*a, scale=0.1)
+  assert jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_hardware_blocks_are_validated():
   with pytest.raises(ValueError, match=r"multiples of \(8, 128\)"):
     fa.fit_blocks(1024, 1024, 256, 64, "tpu", strict=True)
@@ -145,3 +157,26 @@ def test_dispatch_picks_the_kernel_per_backend():
   assert dispatch.flash_attention_impl(backend="cpu", impl="pallas") == ("gpu", "pallas", True)
   with pytest.raises(ValueError, match="attention impl"):
     dispatch.flash_attention_impl(impl="triton")
+
+
+def test_pallas_decode_splits_the_filled_length_of_a_latent_cache_stack():
+  """Split-K decode over layer 1 of a [L, B, S, .] stack (two-token steps, 3 heads, a partial last key block)
+  equals the plain path; NaN in the other layer and past row 0's filled blocks is never read."""
+  from k2jax.kernels.flash_decode import flash_decode
+  S, C, Pd, n, t = 72, 32, 8, 3, 2
+  ks = jax.random.split(jax.random.key(4), 4)
+  q = (jax.random.normal(ks[0], (B, t, n, C)), jax.random.normal(ks[1], (B, t, n, Pd)))
+  c_lbsc, pe_lbsp = jax.random.normal(ks[2], (2, B, S, C)), jax.random.normal(ks[3], (2, B, S, Pd))
+  lengths = jnp.array([5, 66])
+  seg = jnp.array([[1, 0], [1, 1]], jnp.int32)
+  idx = (lengths[:, None] + jnp.arange(t)).astype(jnp.int32)
+  want, m_want = reference_attention(q, (c_lbsc[1], pe_lbsp[1]), c_lbsc[1], Mask(seg, idx), 0.3)
+  unread = (jnp.arange(2)[:, None, None, None] == 0) | (
+      (jnp.arange(B)[None, :, None, None] == 0) & (jnp.arange(S)[None, None, :, None] >= 16))
+  c_lbsc, pe_lbsp = jnp.where(unread, jnp.nan, c_lbsc), jnp.where(unread, jnp.nan, pe_lbsp)
+  out, mx = flash_decode(q, (c_lbsc, pe_lbsp), c_lbsc, 1, seg, idx, scale=0.3, block_k=16, split_blocks=2,
+                         interpret=True)
+  valid = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(want)[valid], rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(out)[~valid] == 0)
+  np.testing.assert_allclose(np.where(valid[..., None], mx, -np.inf).max(axis=(0, 1)), m_want, rtol=1e-6)

@@ -12,13 +12,15 @@ import jax.numpy as jnp
 from k2jax import rope
 from k2jax.attention import flash
 from k2jax.attention.flash import NEG_INF, Mask, flash_attention, reference_attention
-from k2jax.attention.pallas import pallas_attention
+from k2jax.attention.pallas import pallas_attention, pallas_decode
 from k2jax.config import K2Config
 from k2jax.kernels import dispatch
 from k2jax.layers import rms_norm
 from k2jax.sharding import constrain
 
 IMPLS = ("flash", "plain", "pallas")
+# Query rows (tokens x heads) up to which a cached step uses the decode kernel: its rows stay in one program.
+DECODE_MAX_ROWS = 256
 
 __all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "mla", "mla_absorbed", "queries",
            "write_latent"]
@@ -69,19 +71,26 @@ def attend(q_parts, k_parts, v, mask: Mask, scale: float, impl: str = "flash", l
   T, S = q_parts[0].shape[1], v.shape[1 if layer is None else 2]
   if impl == "pallas":
     platform, _, interpret = dispatch.flash_attention_impl(impl="pallas")
-    return pallas_attention(q_parts, k_parts, v, mask, scale, platform=platform, interpret=interpret, layer=layer)
+    return _pallas(q_parts, k_parts, v, mask, scale, platform, interpret, layer)
   # One tile covers everything: the blockwise loop would compute the same single tile, with loop overhead.
   if impl == "flash" and (T > flash.BLOCK_Q or S > flash.BLOCK_K):
-    # A cache stack (`layer`) stays on XLA's loop, which reads only the filled blocks of the layer in place.
-    if layer is None:
-      dims = sum(q.shape[-1] for q in q_parts) + v.shape[-1]
-      platform, kind, interpret = dispatch.flash_attention_impl(2 * max(T, S) * dims * v.dtype.itemsize)
-      if kind == "pallas":
-        return pallas_attention(q_parts, k_parts, v, mask, scale, platform=platform, interpret=interpret)
+    dims = sum(q.shape[-1] for q in q_parts) + v.shape[-1]
+    platform, kind, interpret = dispatch.flash_attention_impl(2 * max(T, S) * dims * v.dtype.itemsize)
+    # A cache stack (`layer`) on TPU stays on XLA's loop, which reads only the filled blocks in place.
+    if kind == "pallas" and (layer is None or platform == "gpu"):
+      return _pallas(q_parts, k_parts, v, mask, scale, platform, interpret, layer)
     return flash_attention(q_parts, k_parts, v, mask, scale, layer=layer)
   if layer is not None:
     k_parts, v = [k[layer] for k in k_parts], v[layer]
   return reference_attention(q_parts, k_parts, v, mask, scale)
+
+
+def _pallas(q_parts, k_parts, v, mask: Mask, scale: float, platform: str, interpret, layer):
+  """The Pallas kernels: split-K decode over a cache stack for a few query rows on GPU, else flash."""
+  T, N = q_parts[0].shape[1:3]
+  if layer is not None and platform == "gpu" and T * N <= DECODE_MAX_ROWS:
+    return pallas_decode(q_parts, k_parts, v, mask, scale, layer, interpret=interpret)
+  return pallas_attention(q_parts, k_parts, v, mask, scale, platform=platform, interpret=interpret, layer=layer)
 
 
 def mla(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask, impl: str = "flash"
