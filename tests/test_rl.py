@@ -122,6 +122,15 @@ def test_rollout_masks_prompt_and_tool_outputs():
   batch = ro.to_batch([s], 400)
   np.testing.assert_array_equal(batch["mask"][0, :len(ids) - 1], mask[1:])
   np.testing.assert_array_equal(batch["targets"][0, :len(ids) - 1], ids[1:])
+  assert s.thought  # its first reply reasoned
+  # A direct answer (empty <think>) is not thinking.
+  direct = tok.encode(f"<think></think>{base.spaced(task.answer)}<|im_end|>", allow_special=True)
+  engine.generate = lambda prompts, n, **kw: Generation(
+      [direct] * len(prompts), ["stop"] * len(prompts), [len(p) for p in prompts], [0] * len(prompts),
+      [[-0.5] * len(direct)] * len(prompts))
+  [d] = ro.rollout(engine, tok, env, [task], ro.RolloutSpec(max_turns=3, turn_tokens=64, response_tokens=128,
+                                                            seq_len=400), SamplingParams(1.0), jax.random.key(0))
+  assert env.score(task, d.trajectory)[1]["correct"] and not d.thought
 
 
 @pytest.mark.parametrize("qat", [False, True])
@@ -208,8 +217,8 @@ def _tiny_cfg(**kw):
 def test_pipeline_resume_and_checkpoints(tmp_path):
   full = runner.train_rl(_tiny_cfg(), tmp_path / "a")
   steps = [r for r in full if "reward_mean" in r]
-  for k in ("step", "reward_mean", "reward_std", "response_len_mean", "truncated_frac", "tool_calls_mean", "loss",
-            "kl_old", "max_attn_logit"):
+  for k in ("step", "reward_mean", "reward_std", "response_len_mean", "thinking_frac", "truncated_frac",
+            "tool_calls_mean", "loss", "kl_old", "max_attn_logit"):
     assert all(np.isfinite(r[k]) for r in steps), k
   assert [r["step"] for r in full if "eval_reward" in r] == [0, 2, 3]
   assert steps[-1]["engine_logp_gap"] < 1e-4

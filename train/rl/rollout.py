@@ -36,6 +36,11 @@ class Sample:
   def response_len(self) -> int:
     return int(sum(self.mask))
 
+  @property
+  def thought(self) -> bool:
+    """Whether a reply of this sample reasoned (non-empty `<think>`) rather than answering directly."""
+    return any(step.parsed.reasoning.strip() for step in self.trajectory.steps)
+
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSpec:

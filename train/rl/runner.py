@@ -136,7 +136,8 @@ def evaluate(engine: Engine, tokenizer, env, cfg) -> dict[str, float]:
   scores = [env.score(s.task, s.trajectory) for s in samples]
   return {"eval_reward": float(np.mean([r for r, _ in scores])),
           "eval_correct": float(np.mean([i["correct"] for _, i in scores])),
-          "eval_response_len": float(np.mean([s.response_len for s in samples]))}
+          "eval_response_len": float(np.mean([s.response_len for s in samples])),
+          "eval_thinking_frac": float(np.mean([s.thought for s in samples]))}
 
 
 def _ptx_data(cfg, env):
@@ -168,6 +169,7 @@ def step_rows(samples, scores, rewards) -> dict[str, float]:
           "env_reward_mean": float(np.mean([r for r, _ in scores])),
           "correct_mean": float(np.mean([i["correct"] for _, i in scores])),
           "response_len_mean": float(np.mean([s.response_len for s in samples])),
+          "thinking_frac": float(np.mean([s.thought for s in samples])),
           "truncated_frac": float(np.mean([s.truncated for s in samples])),
           "tool_calls_mean": float(np.mean([s.trajectory.num_tool_calls for s in samples]))}
 
