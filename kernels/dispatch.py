@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.int4 import QuantizedWeight
+from k2jax.kernels import flash_attention as flash_kernel
 from k2jax.kernels import gmm as gmm_mod
 from k2jax.kernels import gmm_xla
 from k2jax.kernels import int4_matmul as int4_mm_mod
@@ -93,9 +94,10 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
 TPU_ATTENTION_KV_BYTES = 8 << 20
 
 
-def flash_attention_impl(kv_bytes: int = 0, *, backend: str | None = None, impl: str = "auto",
-                         interpret: Any = False) -> tuple[str, str, Any]:
-  """(platform, "pallas" | "xla", interpret) for flash attention over keys+values of `kv_bytes` per head.
+def flash_attention_impl(seq_len: int = 0, qk_dim: int = 0, v_dim: int = 0, itemsize: int = 4, *,
+                         backend: str | None = None, impl: str = "auto", interpret: Any = False
+                         ) -> tuple[str, str, Any]:
+  """(platform, "pallas" | "xla", interpret) for flash attention over `seq_len` keys (and queries) per head.
 
   impl="pallas" forces the kernels; on a host without TPU or GPU they run interpreted (the GPU family
   with `interpret=True` unless `interpret` says otherwise), which is for tests.
@@ -106,8 +108,11 @@ def flash_attention_impl(kv_bytes: int = 0, *, backend: str | None = None, impl:
   if impl == "pallas" and platform not in ("tpu", "gpu"):
     return "gpu", "pallas", interpret or True
   if impl == "auto":
-    fits = platform == "gpu" or (platform == "tpu" and kv_bytes <= TPU_ATTENTION_KV_BYTES)
-    impl = "pallas" if fits else "xla"
+    if platform == "tpu":  # head dims as the kernels pad them (lanes of 128)
+      kv_bytes = 2 * seq_len * (flash_kernel.head_dim(qk_dim, "tpu") + flash_kernel.head_dim(v_dim, "tpu"))
+      impl = "pallas" if kv_bytes * itemsize <= TPU_ATTENTION_KV_BYTES else "xla"
+    else:
+      impl = "pallas" if platform == "gpu" else "xla"
   return platform, impl, interpret
 
 

@@ -150,10 +150,11 @@ def test_bf16_inputs_stay_close_to_the_fp32_reference():
 
 def test_dispatch_picks_the_kernel_per_backend():
   from k2jax.kernels import dispatch
-  assert dispatch.flash_attention_impl(1 << 20, backend="gpu")[:2] == ("gpu", "pallas")
-  assert dispatch.flash_attention_impl(1 << 20, backend="tpu")[:2] == ("tpu", "pallas")
-  assert dispatch.flash_attention_impl(1 << 30, backend="tpu")[:2] == ("tpu", "xla")  # K/V past VMEM
-  assert dispatch.flash_attention_impl(1 << 20, backend="cpu")[:2] == ("cpu", "xla")
+  k2 = (192, 128, 2)  # K2's per-head q/k and v dims, bf16
+  assert dispatch.flash_attention_impl(65536, *k2, backend="gpu")[:2] == ("gpu", "pallas")
+  assert dispatch.flash_attention_impl(4096, *k2, backend="tpu")[:2] == ("tpu", "pallas")
+  assert dispatch.flash_attention_impl(65536, *k2, backend="tpu")[:2] == ("tpu", "xla")  # K/V past VMEM
+  assert dispatch.flash_attention_impl(4096, *k2, backend="cpu")[:2] == ("cpu", "xla")
   assert dispatch.flash_attention_impl(backend="cpu", impl="pallas") == ("gpu", "pallas", True)
   with pytest.raises(ValueError, match="attention impl"):
     dispatch.flash_attention_impl(impl="triton")

@@ -74,8 +74,8 @@ def attend(q_parts, k_parts, v, mask: Mask, scale: float, impl: str = "flash", l
     return _pallas(q_parts, k_parts, v, mask, scale, platform, interpret, layer)
   # One tile covers everything: the blockwise loop would compute the same single tile, with loop overhead.
   if impl == "flash" and (T > flash.BLOCK_Q or S > flash.BLOCK_K):
-    dims = sum(q.shape[-1] for q in q_parts) + v.shape[-1]
-    platform, kind, interpret = dispatch.flash_attention_impl(2 * max(T, S) * dims * v.dtype.itemsize)
+    platform, kind, interpret = dispatch.flash_attention_impl(
+        max(T, S), sum(q.shape[-1] for q in q_parts), v.shape[-1], v.dtype.itemsize)
     # A cache stack (`layer`) on TPU stays on XLA's loop, which reads only the filled blocks in place.
     if kind == "pallas" and (layer is None or platform == "gpu"):
       return _pallas(q_parts, k_parts, v, mask, scale, platform, interpret, layer)
