@@ -116,6 +116,21 @@ def test_model_flash_equals_plain_logits(monkeypatch, impl):
     np.testing.assert_allclose(o1.max_attn_logits[name], o2.max_attn_logits[name], rtol=1e-5)
 
 
+def test_model_decode_step_on_the_pallas_decode_kernel_equals_plain():
+  """A decode step through the model's scanned layers (a traced layer index) with the split-K decode kernel
+  (interpreted) against plain attention, from the same prefilled cache (one row shorter, padded)."""
+  c = presets.TINY_NO_QLORA
+  p = params_lib.init_params(c, jax.random.key(0), jnp.float32)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, c.vocab_size)
+  seg = jnp.array([[1] * 12, [1] * 7 + [0] * 5])
+  cache = model_lib.forward(p, c, tokens, segment_ids_bt=seg, cache=model_lib.init_cache(c, 2, 40, jnp.float32),
+                            attn_impl="plain").cache
+  got, want = (model_lib.forward(p, c, tokens[:, :1], cache=cache, attn_impl=impl) for impl in ("pallas", "plain"))
+  np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+  for name in want.max_attn_logits:
+    np.testing.assert_allclose(got.max_attn_logits[name], want.max_attn_logits[name], rtol=1e-5)
+
+
 def test_write_latent_keeps_earlier_entries_near_the_end_of_the_cache():
   """A padded chunk whose window would run past the cache: only the valid tokens land, nothing shifts."""
   from k2jax.attention import write_latent
