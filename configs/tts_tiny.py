@@ -19,9 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.env = "arith"
   cfg.axis_env = ml_collections.ConfigDict({"tool_steps": "lookup"})
   cfg.n_problems = 64               # held-out problems per point (the same ones for every point of an axis)
-  # Axes given more problems: voting moves accuracy by less than the other axes do, so its intervals
-  # need more problems to separate.
-  cfg.axis_problems = ml_collections.ConfigDict({"parallel": 256, "heavy": 256})
+  # Axes measured on n_problems times a factor: voting moves accuracy by less than the other axes do, so
+  # its intervals need more problems to separate.
+  cfg.axis_problems_factor = ml_collections.ConfigDict({"parallel": 4, "heavy": 4})
 
   # Axes: each a tuple of values (--config.axes.parallel='(1, 4)'); a point changes one axis and keeps the others at `base`.
   cfg.axes = ml_collections.ConfigDict({

@@ -151,7 +151,7 @@ def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys
   """One tiny run (warm start, a 2-step RL run, every axis), then a second run that only measures."""
   cfg = _cfg(thinking_budget=(0, 4), tool_steps=(0, 1), parallel=(1, 2), heavy=(1,), rl_step=(0, 2))
   cfg.n_problems, cfg.batch_size, cfg.max_new_tokens, cfg.max_len = 3, 8, 16, 512
-  cfg.axis_problems = {"parallel": 2}
+  cfg.axis_problems_factor = {"heavy": 2}
   cfg.train.examples_per_env = {"arith": 24, "lookup": 8}
   cfg.train.aggregation.examples = {"arith": 8}
   cfg.train.sft.num_steps, cfg.train.sft.data.batch_size, cfg.train.sft.data.seq_len = 2, 4, 256
@@ -170,7 +170,7 @@ def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys
   assert len(rows) == 10
   for r in results:
     assert 0 <= r.ci_low <= r.accuracy <= r.ci_high <= 1 and r.mean_tokens > 0
-    assert r.n_problems == (2 if r.axis == "parallel" else 3)
+    assert r.n_problems == (6 if r.axis == "heavy" else 3)
   # Two trajectories cost more tokens than one; the aggregation pass adds to heavy's one trajectory.
   by = {(r.axis, r.value): r for r in results}
   assert by["parallel", 2].mean_tokens > by["parallel", 1].mean_tokens
