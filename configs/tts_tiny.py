@@ -18,10 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   })
   cfg.env = "arith"
   cfg.axis_env = ml_collections.ConfigDict({"tool_steps": "lookup"})
-  cfg.n_problems = 64               # held-out problems per point (the same ones for every point of an axis)
-  # Axes measured on n_problems times a factor: voting moves accuracy by less than the other axes do, so
-  # its intervals need more problems to separate.
-  cfg.axis_problems_factor = ml_collections.ConfigDict({"parallel": 4, "heavy": 4})
+  cfg.n_problems = 256              # held-out problems per point (the same ones for every point of an axis)
+  # Axes measured on n_problems times a factor: tool steps separate on a quarter of them, and each of
+  # their points runs up to three agent turns.
+  cfg.axis_problems_factor = ml_collections.ConfigDict({"tool_steps": 0.25})
 
   # Axes: each a tuple of values (--config.axes.parallel='(1, 4)'); a point changes one axis and keeps the others at `base`.
   cfg.axes = ml_collections.ConfigDict({
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
       "tool_steps": (0, 1, 2),                # tool-calling turns allowed; 0 = tools off
       "parallel": (1, 4, 16),                 # trajectories, majority vote over final answers
       "heavy": (1, 4, 8),                     # trajectories + one aggregation pass
-      "rl_step": (0, 20, 40),                 # RL steps of the model (0: the SFT warm start)
+      "rl_step": (0, 40, 80),                 # RL steps of the model (0: the SFT warm start)
   })
   cfg.base = ml_collections.ConfigDict({
       "thinking_budget": -1, "tool_steps": 2, "parallel": 1, "heavy": 0, "rl_step": -1})  # -1: last RL step
@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.train.sft.async_checkpoints = False
   # RL from the warm start with k2-rl's loop: k2-rl's default config with these fields replaced.
   cfg.train.rl = ml_collections.ConfigDict({
-      "env": "arith", "env_options": {"digits": 2}, "num_steps": 40, "checkpoint_every": 20,
+      "env": "arith", "env_options": {"digits": 2}, "num_steps": 80, "checkpoint_every": 40,
       "warm_start": {"examples": 4000},  # RL draws its training tasks after the warm start's seeds
   })
   return cfg

@@ -105,8 +105,9 @@ def make_plan(cfg: ml_collections.ConfigDict, axes_flag: list[str] | None = None
 
 
 def problems_of(cfg, axis: str) -> int:
-  """Held-out problems of an axis: `n_problems` times the axis's factor in `axis_problems_factor` (1)."""
-  return int(cfg.n_problems) * int(cfg.get("axis_problems_factor", {}).get(axis, 1))
+  """Held-out problems of an axis: `n_problems` times the axis's factor in `axis_problems_factor` (1),
+  at least one."""
+  return max(1, round(int(cfg.n_problems) * float(cfg.get("axis_problems_factor", {}).get(axis, 1))))
 
 
 def point_setting(plan: Plan, cfg, axis: str, value: int) -> sweep.Setting:
