@@ -208,6 +208,7 @@ def _tiny_cfg(**kw):
   cfg.seq_len, cfg.eval_tasks, cfg.eval_every, cfg.checkpoint_every = 80, 4, 2, 1
   cfg.warm_start.num_steps, cfg.warm_start.examples, cfg.warm_start.batch_size = 2, 64, 4
   cfg.warm_start.seq_len = 64
+  cfg.temperature = cfg.temperature_end = 1.0  # the engine's sampling log-probs are π_old's only at 1
   cfg.progress_bar = False
   for k, v in kw.items():
     cfg[k] = v
