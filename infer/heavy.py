@@ -25,11 +25,13 @@ class AggregationPrompt:
   attempt: str = DEFAULT_ATTEMPT
   separator: str = "\n\n"
 
-  def request(self, answers: Sequence[str], tool_calls: Sequence[int] | None = None) -> str:
+  def attempts(self, answers: Sequence[str], tool_calls: Sequence[int] | None = None) -> str:
     tool_calls = tool_calls or [0] * len(answers)
-    attempts = self.separator.join(self.attempt.format(i=i, tool_calls=k, answer=a)
-                                   for i, (a, k) in enumerate(zip(answers, tool_calls), 1))
-    return self.template.format(n=len(answers), attempts=attempts)
+    return self.separator.join(self.attempt.format(i=i, tool_calls=k, answer=a)
+                               for i, (a, k) in enumerate(zip(answers, tool_calls), 1))
+
+  def request(self, answers: Sequence[str], tool_calls: Sequence[int] | None = None) -> str:
+    return self.template.format(n=len(answers), attempts=self.attempts(answers, tool_calls))
 
 
 DEFAULT = AggregationPrompt()
@@ -52,8 +54,7 @@ def _answer(t: Trajectory) -> str:
 
 def format_attempts(trajectories: Sequence[Trajectory]) -> str:
   """The attempts as the default prompt lists them."""
-  return DEFAULT.separator.join(DEFAULT.attempt.format(i=i, tool_calls=t.num_tool_calls, answer=_answer(t))
-                                for i, t in enumerate(trajectories, 1))
+  return DEFAULT.attempts([_answer(t) for t in trajectories], [t.num_tool_calls for t in trajectories])
 
 
 def _prompt(template: str | AggregationPrompt) -> AggregationPrompt:
