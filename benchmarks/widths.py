@@ -7,7 +7,8 @@ experts top-4, expert width 256, vocab 8192) and `medium` (d=1024, 12 layers, 64
 ratios of head and LoRA sizes to d, vocab 32768). Same random weights on both sides (saved by HF,
 loaded with `from_hf`), fp32. Prefill: batch 8 x prompt 128; decode: 64 new tokens (greedy) after that
 prompt, batch 1 and 8; train: batch 8 x 128 tokens (`--train_batch` for more), full step (k2jax MuonClip +
-QK-Clip vs torch AdamW, and k2jax with AdamW on every leaf, like for like). Muon's Newton-Schulz costs the
+QK-Clip vs torch AdamW, the same with Newton-Schulz in bf16 (`optimizer.ns_dtype`, as the reference Muon
+implementations), and k2jax with AdamW on every leaf, like for like). Muon's Newton-Schulz costs the
 same whatever the batch, so the MuonClip cell depends on the tokens per step; the AdamW cell does not.
 Each side and phase runs in its own process; medians. Prints the table rows for benchmarks/NOTES.md.
 """
@@ -115,7 +116,7 @@ def _train_batches(n, batch=TRAIN_BATCH):
   return [ds.next_batch() for _ in range(n)]
 
 
-def train_k2jax(args, matrices: str = "muon") -> dict:
+def train_k2jax(args, matrices: str = "muon", ns_dtype: str = "float32") -> dict:
   import jax  # noqa: PLC0415
   from k2jax import params as params_lib  # noqa: PLC0415
   from k2jax.configs import train_tiny  # noqa: PLC0415
@@ -124,6 +125,7 @@ def train_k2jax(args, matrices: str = "muon") -> dict:
   cfg = train_tiny.get_config()
   cfg.num_steps = 1 + args.train_steps
   cfg.optimizer.matrices = matrices
+  cfg.optimizer.ns_dtype = ns_dtype
   tx, sched = ts.make_optimizer(cfg)
   state = jax.jit(lambda k: ts.init_state(params_lib.init_params(c, k), tx))(jax.random.key(0))
   step = ts.make_train_step(c, cfg, tx, sched)
@@ -161,7 +163,9 @@ def train_hf(args) -> dict:
 
 SIDES = {"k2jax_infer": infer_k2jax, "hf_infer": infer_hf, "k2jax_train": train_k2jax, "hf_train": train_hf,
          # The model's step alone, like for like with HF: AdamW on every leaf (no Newton-Schulz).
-         "k2jax-adamw_train": lambda args: train_k2jax(args, matrices="adamw")}
+         "k2jax-adamw_train": lambda args: train_k2jax(args, matrices="adamw"),
+         # Newton-Schulz in bf16, as the reference Muon implementations run it (`optimizer.ns_dtype`).
+         "k2jax-bf16ns_train": lambda args: train_k2jax(args, ns_dtype="bfloat16")}
 
 
 def _versions() -> str:
@@ -176,6 +180,10 @@ def main():
   ap.add_argument("--train_steps", type=int, default=3, help="timed train steps (median), after one warm-up")
   ap.add_argument("--train_batch", type=int, default=TRAIN_BATCH, help=f"sequences of {TRAIN_SEQ} tokens per train step")
   ap.add_argument("--only", default="infer,train", help="phases to run: infer, train or both")
+  ap.add_argument("--rounds", type=int, default=1,
+                  help="run every side this many times, alternating (a new process each), and take the median "
+                       "per cell: on a shared machine, so that load drifts hit every side alike")
+  ap.add_argument("--sides", default="", help="comma-separated subset of the sides (default: all of the phases')")
   ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
   ap.add_argument("--ckpt", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -193,16 +201,19 @@ def main():
       from hf_reference import make_reference  # noqa: PLC0415
       hf_cfg = {k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}
       make_reference(ckpt, seed=0, **hf_cfg)
-    for side in SIDES:
-      if side.split("_")[1] not in phases:
-        continue
+    chosen = [s for s in SIDES if s.split("_")[1] in phases and (not args.sides or s in args.sides.split(","))]
+    for rnd, side in ((r, s) for r in range(args.rounds) for s in chosen):
       out = subprocess.run([sys.executable, "-m", "benchmarks.widths", f"--side={side}", f"--ckpt={ckpt}", *common],
                            capture_output=True, text=True, cwd=os.path.join(HERE, ".."))
       if out.returncode:
         raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
       got = json.loads(out.stdout.strip().splitlines()[-1])
-      print(f"{side}: " + ", ".join(f"{k} {v:.3f} s" for k, v in got.items()), file=sys.stderr, flush=True)
-      res.update({f"{side.split('_')[0]}:{k}": v for k, v in got.items()})
+      load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+      print(f"round {rnd} {side}: " + ", ".join(f"{k} {v:.3f} s" for k, v in got.items()) + f" (load {load})",
+            file=sys.stderr, flush=True)
+      for k, v in got.items():
+        res.setdefault(f"{side.split('_')[0]}:{k}", []).append(v)
+  res = {k: statistics.median(v) for k, v in res.items()}
   print(f"# width={args.width} (d={c.hidden_size}, {c.num_hidden_layers} layers, {c.n_routed_experts} experts "
         f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}); {_versions()}; {os.cpu_count()} CPUs")
   print("| width | cell | k2jax tok/s | HF tok/s | ratio |")
@@ -210,6 +221,8 @@ def main():
   cells += [(f"decode b{b}", f"decode_{b}", b * NEW) for b in BATCHES]
   train_tokens = args.train_batch * TRAIN_SEQ
   cells += [(f"train step {train_tokens} tok (MuonClip vs AdamW)", "train", train_tokens)]
+  cells += [(f"train step {train_tokens} tok (MuonClip, bf16 Newton-Schulz, vs AdamW)", "train", train_tokens,
+             "k2jax-bf16ns")]
   cells += [(f"train step {train_tokens} tok (AdamW both)", "train", train_tokens, "k2jax-adamw")]
   for name, key, tokens, *side in cells:
     side = side[0] if side else "k2jax"

@@ -80,6 +80,25 @@ def test_grad_accumulation_matches_big_batch(setup):
   assert num / den <= 1e-5, num / den
 
 
+def test_loss_is_log_softmax_of_the_models_logits(setup):
+  """The step's 2-D head + logsumexp loss equals log_softmax over `forward`'s [B, T, V] logits, value and
+  gradient (same fp32 products: to rounding)."""
+  _, c, params, ds = setup
+  batch = data.PackedDataset(ds.docs, 4, 64, seed=5).next_batch()
+
+  def plain(p):
+    logp = jax.nn.log_softmax(model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"]).logits, -1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * batch["weights"])
+
+  ref, g_ref = jax.jit(jax.value_and_grad(plain))(params)
+  got, g = jax.jit(jax.value_and_grad(lambda p: ts.loss_sums(p, c, batch)[0]))(params)
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+  assert float(jnp.abs(g["lm_head_dv"]).max()) > 0
+
+
 def test_qat_uses_fake_quantised_experts(setup):
   _, c, params, ds = setup
   batch = ds.docs[:1]
