@@ -226,10 +226,11 @@ def _fill(batch: tuple[int, ...], per_shape: tuple[int, ...], dtype, get: Callab
   idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
   dims = [range(*s.indices(n)) for s, n in zip(idx, shape)]
   rest = idx[len(batch):]
+  from k2jax.convert.reading import copy_into  # noqa: PLC0415  (transposed slices copied in tiles)
   out = np.empty([len(r) for r in dims], dtype)
   for pos in itertools.product(*(list(enumerate(r)) for r in dims[:len(batch)])):
     layer_expert = [p[1] for p in pos] + [None] * (2 - len(batch))
-    out[tuple(p[0] for p in pos)] = get(*layer_expert)[rest]
+    copy_into(out[tuple(p[0] for p in pos)], np.asarray(get(*layer_expert))[rest])
   return out
 
 

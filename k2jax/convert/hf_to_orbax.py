@@ -63,19 +63,23 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   if int4_leaves:
     first = next(leaf for leaf in all_leaves if leaf.path in int4_leaves)
     scale_dtype = ckpt.dtype_name(first.hf_name(0, 0) + ".weight_scale")
+  # Host bytes of each leaf as read (the mesh path reads into jax arrays instead).
+  spans = {leaf.path: layout.Slabs.span_of(reading.leaf_arrays(leaf, ckpt, dt, leaf.path in int4_leaves))
+           for leaf in all_leaves}
   bar = layout.ByteBar(total, "converting", progress)
   written = 0
   try:
-    pool = layout.BufferPool()
-    with (layout.Staging(output_dir) as stage, layout.ParamsWriter(stage.tmp, pool=pool) as writer,
+    with (layout.Staging(output_dir) as stage,
+          layout.ParamsWriter(stage.tmp, largest_leaf=0 if mesh else max(spans.values())) as writer,
           concurrent.futures.ThreadPoolExecutor(reading.workers(), "k2-convert-read") as readers):
       for leaf in all_leaves:
         bar.leaf(leaf.path)
         keep = leaf.path in int4_leaves
+        writer.make_room(spans[leaf.path])
         if shardings is None:
-          value = reading.read_leaf(leaf, ckpt, dt, keep, pool.empty, readers, bar.update)
+          value = reading.read_leaf(leaf, ckpt, dt, keep, writer.empty, readers, bar.update)
         else:
-          get = _counting(hf.slice_reader(leaf, ckpt, dt, keep), leaf, ckpt, bar)
+          get = _counting(reading.slice_reader(leaf, ckpt, keep), leaf, ckpt, bar)
           value = hf.load_leaf(leaf, ckpt, dt, shardings[leaf.path], keep, get=get)
         written += layout.nbytes(value)
         writer.write(leaf.path, value)

@@ -116,37 +116,48 @@ def sync_tree(root: str) -> None:
       list(pool.map(_fsync, [os.path.join(folder, f) for f in files] + [folder]))
 
 
-class BufferPool:
-  """Host buffers recycled from leaf to leaf. Fresh memory costs a page fault per 4 KiB page on first
-  touch, which on a busy VM is several times slower than the copy that fills it; a converter that
-  allocated every leaf anew would spend most of its time there."""
+class Slabs:
+  """Leaf memory: two host slabs of `size` bytes, leaves carved from one in order (a bump pointer) while
+  the batch carved from the other is written; then they swap. The same pages serve every leaf, so a
+  conversion touches fresh memory (a page fault and a kernel zeroing per page, slow on a VM) only for
+  the two slabs, not for every leaf; pages are touched only as far as they are used."""
 
-  def __init__(self, min_bytes: int = 1 << 20):
-    self.min_bytes = min_bytes
-    self.free: list[np.ndarray] = []
-    self.lent: dict[int, np.ndarray] = {}
+  ALIGN = 64
+
+  def __init__(self, size: int):
+    self.size = size
+    self.bufs: list[np.ndarray | None] = [None, None]
+    self.current = 0
+    self.used = 0
+
+  @staticmethod
+  def span(nbytes: int) -> int:
+    """Bytes an array of `nbytes` takes in a slab."""
+    return -(-nbytes // Slabs.ALIGN) * Slabs.ALIGN
+
+  @staticmethod
+  def span_of(arrays) -> int:
+    """Bytes that arrays given as (shape, dtype) take in a slab."""
+    return sum(Slabs.span(int(np.prod(shape)) * np.dtype(dt).itemsize) for shape, dt in arrays)
+
+  def fits(self, nbytes: int) -> bool:
+    return self.used + nbytes <= self.size
 
   def empty(self, shape, dtype) -> np.ndarray:
+    """An uninitialised array from the current slab (fresh memory if the slab is full)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    if n < self.min_bytes:
+    if not self.fits(self.span(n)):
       return np.empty(shape, dtype)
-    # Best fit, but not a buffer over twice the size (that would make the next big leaf allocate anew).
-    fits = [i for i, b in enumerate(self.free) if n <= b.nbytes <= 2 * n]
-    if fits:
-      buf = self.free.pop(min(fits, key=lambda i: self.free[i].nbytes))
-    else:
-      buf = _huge_empty(n)
-    out = buf[:n].view(dtype).reshape(shape)
-    self.lent[id(out)] = buf
+    if self.bufs[self.current] is None:
+      self.bufs[self.current] = _huge_empty(self.size)
+    out = self.bufs[self.current][self.used:self.used + n].view(dtype).reshape(shape)
+    self.used += self.span(n)
     return out
 
-  def recycle(self, tree: Any) -> None:
-    """Takes back the buffers of the arrays in `tree` (those it lent)."""
-    for a in jax.tree.leaves(tree):
-      buf = self.lent.pop(id(a), None)
-      if buf is not None:
-        self.free.append(buf)
+  def swap(self) -> None:
+    """Leaves now come from the other slab (whose batch the caller has seen written)."""
+    self.current, self.used = 1 - self.current, 0
 
 
 def _huge_empty(n: int) -> np.ndarray:
@@ -165,50 +176,59 @@ def _huge_empty(n: int) -> np.ndarray:
 
 class ParamsWriter:
   """An Orbax parameter tree written a few leaves at a time (Orbax partial saves), so the model is never
-  in memory at once. Leaves are numpy arrays (one host) or sharded jax.Arrays (each host writes its shards).
-  Small leaves are gathered into one save of up to `batch_bytes` (each save has a fixed cost)."""
+  in memory at once. Leaves are numpy arrays (one host; best from `empty`, after `make_room`) or sharded
+  jax.Arrays (each host writes its shards). Small leaves are gathered into one save of up to
+  `batch_bytes` (each save has a fixed cost); one batch is written while the next is assembled, each in
+  its own slab of `max(batch_bytes, largest leaf)` bytes, so host memory holds two slabs at most."""
 
-  def __init__(self, staging_path: str, batch_bytes: int = 256 << 20, pool: BufferPool | None = None):
+  def __init__(self, staging_path: str, largest_leaf: int = 0, batch_bytes: int = 256 << 20):
     from orbax.checkpoint import v1 as ocp  # noqa: PLC0415
     self.path = os.path.join(staging_path, "params.building")
     self.batch_bytes = batch_bytes
-    self.pool = pool
+    self.slabs = Slabs(max(batch_bytes, largest_leaf))
     self.pending: dict = {}
     self.pending_bytes = 0
-    self.in_flight = None  # (Orbax response, the tree it is writing)
+    self.in_flight = None  # the Orbax response of the batch being written
     self.ctx = ocp.Context()
     # Weights (INT4 words above all) barely compress; zstd would cost more time than it saves.
     self.ctx.array.saving.use_compression = False
     # Leaves are never modified after they are handed over, so Orbax need not copy them first.
     self.ctx.memory_options.deepcopy_host_arrays = False
 
+  def make_room(self, nbytes: int) -> None:
+    """Before a leaf of `nbytes` (in `Slabs.span`s) is assembled: starts writing the pending leaves if
+    it would not fit beside them, in the batch or in the slab."""
+    if self.pending and (self.pending_bytes + nbytes > self.batch_bytes or not self.slabs.fits(nbytes)):
+      self.flush()
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    return self.slabs.empty(shape, dtype)
+
   def write(self, leaf_path: str, value: Any) -> None:
+    """Adds a leaf to the pending batch (`make_room` came first: a leaf in the current slab must go out
+    with the batch of that slab)."""
     if isinstance(value, int4.QuantizedWeight):
       value = {"packed": value.packed, "scales": value.scales}
-    n = nbytes(value)
-    if self.pending and self.pending_bytes + n > self.batch_bytes:
-      self.flush()
     set_path(self.pending, leaf_path, value)
-    self.pending_bytes += n
+    self.pending_bytes += nbytes(value)
     if self.pending_bytes >= self.batch_bytes:
       self.flush()
 
   def flush(self) -> None:
-    """Starts writing the pending leaves; the next batch is assembled while they are written (at most
-    one batch in flight, so memory holds two batches at most)."""
+    """Starts writing the pending leaves (their slab) once the batch in flight is written (the other
+    slab, which the next leaves then fill)."""
     from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
     self.wait()
     if self.pending:
       with self.ctx:
-        self.in_flight = (partial.save_async(self.path, self.pending), self.pending)
+        self.in_flight = partial.save_async(self.path, self.pending)
+      self.slabs.swap()
     self.pending, self.pending_bytes = {}, 0
 
   def wait(self) -> None:
     if self.in_flight is not None:
-      (response, tree), self.in_flight = self.in_flight, None
+      response, self.in_flight = self.in_flight, None
       response.result()
-      if self.pool is not None:
-        self.pool.recycle(tree)
 
   def __enter__(self) -> "ParamsWriter":
     return self

@@ -75,21 +75,33 @@ def slice_views(leaf: hf.Leaf, ckpt: Checkpoint, layer, expert, keep_int4: bool)
   return (hf.read_linear(ckpt, name, as_stored=True).T.reshape(per),)
 
 
+def slice_reader(leaf: hf.Leaf, ckpt: Checkpoint, keep_int4: bool) -> Callable:
+  """`get(layer, expert)` for `hf.load_leaf`: a slice as views of what was read (an INT4 QuantizedWeight
+  of them with `keep_int4`), which its `_fill` copies into place (and casts) in tiles."""
+  def get(layer, expert):
+    views = slice_views(leaf, ckpt, layer, expert, keep_int4)
+    return int4.QuantizedWeight(*views) if keep_int4 else views[0]
+  return get
+
+
+def leaf_arrays(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> list[tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of the host arrays a leaf is read into: (packed, scales) of an INT4 leaf, else one."""
+  batch = tuple(leaf.spec.shape[:leaf.batch_dims])
+  per = tuple(leaf.spec.shape[leaf.batch_dims:])
+  if keep_int4:
+    k, n = per
+    scale_dt = DTYPES[ckpt.dtype_name(leaf.hf_name(0, 0) + ".weight_scale")]
+    return [(batch + (int4.WORDS_PER_GROUP, k // int4.GROUP, n), np.dtype(np.int32)),
+            (batch + (k // int4.GROUP, n), scale_dt)]
+  return [(batch + per, np.dtype(leaf.spec.dtype or dtype))]
+
+
 def read_leaf(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, empty: Callable = np.empty,
               pool: concurrent.futures.Executor | None = None, on_slice: Callable[[int], None] | None = None):
   """A whole leaf in host memory (numpy, or an INT4 QuantizedWeight of numpy) in buffers from
   `empty(shape, dtype)`, each slice read and copied into place once, slices in parallel on `pool`.
   `on_slice(n)`: called with the checkpoint bytes of each slice done (progress)."""
-  batch = tuple(leaf.spec.shape[:leaf.batch_dims])
-  per = tuple(leaf.spec.shape[leaf.batch_dims:])
-  dt = np.dtype(leaf.spec.dtype or dtype)
-  if keep_int4:
-    k, n = per
-    scale_dt = DTYPES[ckpt.dtype_name(leaf.hf_name(0, 0) + ".weight_scale")]
-    outs = (empty(batch + (int4.WORDS_PER_GROUP, k // int4.GROUP, n), np.int32),
-            empty(batch + (k // int4.GROUP, n), scale_dt))
-  else:
-    outs = (empty(batch + per, dt),)
+  outs = tuple(empty(shape, dt) for shape, dt in leaf_arrays(leaf, ckpt, dtype, keep_int4))
 
   def one(layer, expert) -> int:
     pos = tuple(i for i in (layer, expert) if i is not None)
