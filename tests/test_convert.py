@@ -108,6 +108,31 @@ def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path):
     np.testing.assert_array_equal(np.asarray(got[k]).view(np.uint8), a.view(np.uint8), err_msg=k)
 
 
+def test_mapped_reads_equal_file_reads_and_a_shard_cut_short_later_is_named(k2t, tmp_path):
+  from k2jax.convert import reading
+  src = str(tmp_path / "src")
+  shutil.copytree(k2t, src)
+  ck = Checkpoint(src)
+  mapped = reading.mapped(ck)
+  for k in ck.keys():
+    a, b = ck.get(k), mapped.get(k)
+    assert (a.dtype, a.shape) == (b.dtype, b.shape), k
+    np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8), err_msg=k)
+  last = max(ck.keys(), key=lambda k: (ck.file_of(k), ck.files()[os.path.basename(ck.file_of(k))].entries[k]
+                                       ["data_offsets"]))
+  with open(ck.file_of(last), "r+b") as f:  # after the header was checked: a map would crash on it
+    f.truncate(os.path.getsize(ck.file_of(last)) - 10)
+  with pytest.raises(SafetensorsError, match=f"{os.path.basename(ck.file_of(last))}.*{last}.*truncated"):
+    mapped.get(last)
+
+
+def test_write_order_starts_and_ends_with_small_batches():
+  sizes = {"a": 5, "b": 700, "c": 30, "d": 1, "e": 300, "f": 20, "g": 64}
+  order = layout.write_order(sizes, batch_bytes=256)
+  assert sorted(order) == sorted(sizes)
+  assert order == ["d", "a", "f", "c", "b", "e", "g"]  # 1 + 5 + 20 + 30 <= 256 / 4; then largest first
+
+
 def test_round_trip_reproduces_every_tensor_and_config_field(k2t, converted, tmp_path):
   back = str(tmp_path / "back")
   export(converted, back, progress=False)

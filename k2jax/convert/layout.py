@@ -174,6 +174,21 @@ def _huge_empty(n: int) -> np.ndarray:
     return np.empty(n, np.uint8)
 
 
+def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:
+  """Leaf paths in the order to convert them. Writing a batch overlaps reading the next one, except
+  for the first batch's read and the last one's write; so a small first batch (the smallest leaves, up
+  to a quarter batch) starts the writes early, and the rest go largest first, so that the last write
+  is of the smallest leaves."""
+  ascending = sorted(sizes, key=lambda p: sizes[p])
+  first, total = [], 0
+  for p in ascending:
+    if total + sizes[p] > batch_bytes // 4:
+      break
+    first.append(p)
+    total += sizes[p]
+  return first + sorted(ascending[len(first):], key=lambda p: -sizes[p])
+
+
 class ParamsWriter:
   """An Orbax parameter tree written a few leaves at a time (Orbax partial saves), so the model is never
   in memory at once. Leaves are numpy arrays (one host; best from `empty`, after `make_room`) or sharded
