@@ -70,8 +70,9 @@ def test_tiled_copy_into_place_equals_numpy(dtype, to):
   from k2jax.convert import reading  # noqa: PLC0415
   rng = np.random.default_rng(0)
   to = to or dtype
+  int4_cols = reading.tile((4, 12, 1))[1]
   for shape, perm in [((reading.TILE_COLS * 3 + 5, reading.TILE_ROWS + 7), (1, 0)),   # HF [out, in] -> [in, out]
-                      ((3 * reading.TILE_COLS + 1, 12, 4), (2, 1, 0)),                # INT4 words -> [4, K/32, N]
+                      ((3 * int4_cols + 1, 12, 4), (2, 1, 0)),                        # INT4 words -> [4, K/32, N]
                       ((5, 9), (1, 0)), ((2, 3, 70), (0, 1, 2))]:                     # small; already in order
     src = rng.standard_normal(shape).astype(np.float32)
     src = (src * 2**20).astype(dtype) if dtype == np.int32 else src.astype(dtype)

@@ -19,9 +19,18 @@ import numpy as np
 from k2jax import hf, int4
 from k2jax.safetensors_io import DTYPES, Checkpoint, SafetensorsError, SafetensorsFile
 
-# Tile of a transposed copy: destination columns (source rows kept in cache) x destination rows.
+# Tile of a transposed copy: destination rows (axis 0) x destination columns (source rows kept in
+# cache); a tile of about TILE_ROWS x TILE_COLS elements, made wider where rows are few or the middle
+# axes many (INT4 words [4, K/32, N]), so numpy's per-call overhead is paid on enough elements.
 TILE_COLS = 64
 TILE_ROWS = 512
+
+
+def tile(shape: tuple[int, ...]) -> tuple[int, int]:
+  """(rows, columns) of the tiles a transposed copy into a `shape` array goes by."""
+  rows = min(shape[0], TILE_ROWS)
+  per_row = int(np.prod(shape[1:-1]))  # the middle axes go whole into every tile
+  return rows, max(TILE_COLS, TILE_ROWS * TILE_COLS // max(1, rows * per_row))
 
 
 class _MappedFile:
@@ -83,11 +92,10 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
   if src.ndim < 2 or src.flags.c_contiguous or src.strides[-1] == src.itemsize:
     np.copyto(dst, src, casting="unsafe")
     return
-  rows, cols = dst.shape[0], dst.shape[-1]
-  for i in range(0, rows, TILE_ROWS):
-    for j in range(0, cols, TILE_COLS):
-      np.copyto(dst[i:i + TILE_ROWS, ..., j:j + TILE_COLS], src[i:i + TILE_ROWS, ..., j:j + TILE_COLS],
-                casting="unsafe")
+  tr, tc = tile(dst.shape)
+  for i in range(0, dst.shape[0], tr):
+    for j in range(0, dst.shape[-1], tc):
+      np.copyto(dst[i:i + tr, ..., j:j + tc], src[i:i + tr, ..., j:j + tc], casting="unsafe")
 
 
 def _results(futures: list[concurrent.futures.Future]):
