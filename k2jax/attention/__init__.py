@@ -15,7 +15,7 @@ from k2jax.attention.flash import NEG_INF, Mask, flash_attention, reference_atte
 from k2jax.attention.pallas import pallas_attention, pallas_decode
 from k2jax.config import K2Config
 from k2jax.kernels import dispatch
-from k2jax.layers import rms_norm
+from k2jax.layers import project, rms_norm
 from k2jax.sharding import constrain
 
 IMPLS = ("flash", "plain", "pallas")
@@ -29,14 +29,14 @@ __all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "ml
 def queries(p: dict, x_btd: jax.Array, c: K2Config) -> jax.Array:
   """q [B, T, N, nope+rope] from the q-LoRA path or the single projection."""
   if "q_a_dr" in p:
-    q_r = rms_norm(jnp.einsum("btd,dr->btr", x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps)
-    return jnp.einsum("btr,rnq->btnq", q_r, p["q_b_rnq"])
-  return jnp.einsum("btd,dnq->btnq", x_btd, p["q_dnq"])
+    q_r = rms_norm(project(x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps)
+    return project(q_r, p["q_b_rnq"])
+  return project(x_btd, p["q_dnq"])
 
 
 def latent(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp) -> tuple[jax.Array, jax.Array]:
   """The per-token latent: normed c_kv [B, T, C] and roped shared k_pe [B, T, P] (what a cache stores)."""
-  kv_bta = jnp.einsum("btd,da->bta", x_btd, p["kv_a_da"])
+  kv_bta = project(x_btd, p["kv_a_da"])
   c_btc = rms_norm(kv_bta[..., :c.kv_lora_rank], p["kv_a_norm_c"], c.latent_norm_eps)
   k_pe_btp = rope.apply_rope(kv_bta[..., None, c.kv_lora_rank:], cos_btp, sin_btp)[:, :, 0]
   return c_btc, k_pe_btp
@@ -98,11 +98,11 @@ def mla(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask, im
   """Returns (output [B, T, D], per-head max pre-softmax logit over the valid entries [N], fp32)."""
   nope = c.qk_nope_head_dim
   q_nope, q_pe, c_btc, k_pe_btp = _project(p, x_btd, c, cos_btp, sin_btp)
-  kv_btnu = jnp.einsum("btc,cnu->btnu", c_btc, p["kv_b_cnu"])
+  kv_btnu = project(c_btc, p["kv_b_cnu"])
   k_nope, v_btnh = kv_btnu[..., :nope], kv_btnu[..., nope:]
   # Scores: the content part per head plus the rope part against the one shared k_pe.
   out_btnh, max_logit_n = attend((q_nope, q_pe), (k_nope, k_pe_btp), v_btnh, mask, c.softmax_scale, impl)
-  return jnp.einsum("btnh,nhd->btd", out_btnh, p["o_nhd"]), max_logit_n
+  return project(out_btnh, p["o_nhd"], 2), max_logit_n
 
 
 def write_latent(cache_lbsx: jax.Array, new_btx: jax.Array, layer, start_b: jax.Array,
@@ -147,5 +147,5 @@ def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask:
   o_lat_btnc, max_logit_n = attend((q_lat_btnc, q_pe), (cache_c_lbsc, cache_pe_lbsp), cache_c_lbsc, mask,
                                    c.softmax_scale, impl, layer=layer)
   out_btnh = jnp.einsum("btnc,cnh->btnh", o_lat_btnc.astype(x_btd.dtype), w_uv_cnh)
-  out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, p["o_nhd"])
+  out_btd = project(out_btnh, p["o_nhd"], 2)
   return out_btd, max_logit_n, cache_c_lbsc, cache_pe_lbsp
