@@ -5,9 +5,10 @@
 
 Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
 --workdir, then alternates a plain `cp -r` of its folder (into the page cache), a durable `cp -r` + sync
-(the converter's output is fsynced before it is committed) and a `k2-convert` of it, each in its own
-process, `--repeats` times; prints medians, the ratios, and each conversion's peak RSS against the
-largest shard and the largest leaf. Everything it wrote is removed at the end.
+(the converter's output is fsynced before it is committed) and a `k2-convert` of it (and, with
+--baseline_code, another checkout's), each in its own process after a pause (`--settle_s`), `--repeats`
+times; prints medians, the ratios, and each conversion's peak RSS against the largest shard and the
+largest leaf. Everything it wrote is removed at the end.
 """
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ _VOCAB = flags.DEFINE_integer("vocab", 32768, "Vocabulary size.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "cp / convert pairs to run (medians are reported).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write (default: a temp folder under /tmp).")
 _EXPORT = flags.DEFINE_bool("export", True, "Also time k2-export of the converted checkpoint back to HF.")
+_BASELINE = flags.DEFINE_string(
+    "baseline_code", None, "Another checkout's root (its k2jax/ put first on PYTHONPATH): its converter is "
+    "timed too, alternating with this one, for before/after figures from the same run.")
+_SETTLE = flags.DEFINE_float(
+    "settle_s", 3.0, "Pause before each timed side, after the previous side's output is deleted. On a VM "
+    "that returns freed memory to its host (free page reporting, ~2 s), memory touched anew is several "
+    "times slower to write into; without the pause a side started at once (cp) writes into the pages "
+    "the previous side just freed, while the converter, which starts after its imports, gets cold ones.")
 
 
 def synthetic_config(layers: int, experts: int, hidden: int, ffn: int, vocab: int):
@@ -75,10 +84,12 @@ def write_checkpoint(c, folder: str) -> None:
     json.dump(c.to_hf(), f, indent=2)
 
 
-def _child(code: str) -> tuple[float, int, float | None]:
+def _child(code: str, pythonpath: str | None = None) -> tuple[float, int, float | None]:
   """(seconds, peak RSS bytes, the work's own seconds if it printed them) of `python -c code`."""
+  env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+  time.sleep(_SETTLE.value)
   t = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
   out = proc.stdout.read()
   _, status, usage = os.wait4(proc.pid, 0)
   seconds = time.perf_counter() - t
@@ -107,7 +118,7 @@ def main(argv):
     print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(shards)} shards (largest {max(shards) / 1e9:.3f} GB), "
           f"largest leaf {leaf[0]} {leaf[1] / 1e9:.3f} GB; written in {time.perf_counter() - t:.0f} s", flush=True)
     baseline = _child("import jax, k2jax.convert, orbax.checkpoint; jax.numpy.zeros(1).block_until_ready()")[1]
-    cp_s, cps_s, conv_s, inner_s, rss, export_s = [], [], [], [], [], []
+    cp_s, cps_s, conv_s, inner_s, rss, export_s, base_s, base_inner = [], [], [], [], [], [], [], []
     for i in range(_REPEATS.value):
       dst = os.path.join(root, f"copy{i}")
       cp_s.append(_child(f"import subprocess; subprocess.run(['cp', '-r', {src!r}, {dst!r}], check=True)")[0])
@@ -117,8 +128,15 @@ def main(argv):
                           "os.sync()")[0])
       shutil.rmtree(dst)
       out = os.path.join(root, f"conv{i}")
-      s, r, inner = _child(f"import json; from k2jax.convert import convert; "
-                           f"print(json.dumps(convert({src!r}, {out!r}, progress=False)))")
+      code = (f"import json; from k2jax.convert import convert; "
+              f"print(json.dumps(convert({src!r}, {out!r}, progress=False)))")
+      if _BASELINE.value:
+        s, _, inner = _child(code, _BASELINE.value)
+        base_s.append(s)
+        base_inner.append(inner)
+        print(f"  run {i}: baseline convert {s:.1f} s ({inner:.1f} s after start-up)", flush=True)
+        shutil.rmtree(out)
+      s, r, inner = _child(code)
       conv_s.append(s)
       inner_s.append(inner)
       rss.append(r)
@@ -137,12 +155,17 @@ def main(argv):
     for what, m in (("whole process", conv_m), ("after start-up (validation, reading, writing, commit)", inner_m)):
       print(f"convert:   median {m:.1f} s = {size / m / 1e9:.2f} GB/s = {cp_m / m:.0%} of cp, "
             f"{cps_m / m:.0%} of cp + sync; {what}")
+    if base_s:
+      for what, m in (("whole process", statistics.median(base_s)), ("after start-up", statistics.median(base_inner))):
+        print(f"baseline:  median {m:.1f} s = {size / m / 1e9:.2f} GB/s = {cp_m / m:.0%} of cp, "
+              f"{cps_m / m:.0%} of cp + sync; {what} ({_BASELINE.value})")
     if export_s:
       print(f"export:  {export_s[0]:.1f} s = {size / export_s[0] / 1e9:.2f} GB/s (one run)")
     peak = max(rss)
     print(f"peak RSS {peak / 1e9:.2f} GB (a process that only imports JAX + orbax: {baseline / 1e9:.2f} GB); "
           f"largest shard {max(shards) / 1e9:.3f} GB, largest leaf {leaf[1] / 1e9:.3f} GB; "
           f"target 2 x leaf + 1 GB = {(2 * leaf[1] + 1e9) / 1e9:.2f} GB")
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"machine: {os.cpu_count()} cores; max RSS of this parent {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
   finally:
     shutil.rmtree(root, ignore_errors=True)
