@@ -314,6 +314,30 @@ def test_interrupted_conversion_leaves_nothing_and_a_rerun_starts_clean(k2t, tmp
     convert(k2t, out, progress=False)
 
 
+def test_nothing_is_renamed_into_place_before_every_file_is_synced(k2t, tmp_path, monkeypatch):
+  """Tensorstore writes without its per-file fsync (the writer syncs each batch in the background), so
+  the commit must find every file of the staging tree synced before it renames it into place."""
+  out = str(tmp_path / "out")
+  synced, committed = set(), []
+  real_fsync, real_replace = layout._fsync, os.replace
+
+  def fsync(path):
+    synced.add(os.path.realpath(path))
+    return real_fsync(path)
+
+  def replace(src, dst, **kw):
+    if os.path.abspath(dst) == os.path.abspath(out):
+      files = [os.path.realpath(os.path.join(r, f)) for r, _, fs in os.walk(src) for f in fs]
+      committed.append(len(files))
+      assert files and not set(files) - synced, "renamed with unsynced files"
+    return real_replace(src, dst, **kw)
+
+  monkeypatch.setattr(layout, "_fsync", fsync)
+  monkeypatch.setattr(os, "replace", replace)
+  convert(k2t, out, progress=False)
+  assert committed and committed[0] > 10
+
+
 def test_dry_run_of_the_1t_model_from_config_json_alone(tmp_path):
   cfg = tmp_path / "config.json"
   cfg.write_text(json.dumps(presets.K2_THINKING.to_hf()))

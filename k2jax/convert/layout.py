@@ -6,6 +6,7 @@ so `--checkpoint` / `init_from` load it; OUT/hf/ keeps the source's small files 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import time
@@ -189,6 +190,23 @@ def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:
   return first + sorted(ascending[len(first):], key=lambda p: -sizes[p])
 
 
+@contextlib.contextmanager
+def _deferred_file_sync():
+  """Orbax's tensorstore writes without an fsync per file, which held each batch (and so the next) until
+  its data was on disk; `ParamsWriter` syncs a batch's files in the background instead, overlapping
+  the next batch, and `Staging.commit` syncs the whole tree before its rename, so the output is as
+  durable as before. Orbax takes no tensorstore context, so its factory is swapped while a save is set
+  up (when the save's arrays get their context)."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415
+  import tensorstore as ts  # noqa: PLC0415
+  real = tensorstore_utils.get_ts_context
+  tensorstore_utils.get_ts_context = lambda **kw: ts.Context(dict(real(**kw).spec.to_json(), file_io_sync=False))
+  try:
+    yield
+  finally:
+    tensorstore_utils.get_ts_context = real
+
+
 class ParamsWriter:
   """An Orbax parameter tree written a few leaves at a time (Orbax partial saves), so the model is never
   in memory at once. Leaves are numpy arrays (one host; best from `empty`, after `make_room`) or sharded
@@ -204,6 +222,10 @@ class ParamsWriter:
     self.pending: dict = {}
     self.pending_bytes = 0
     self.in_flight = None  # the Orbax response of the batch being written
+    # fsyncs of each written batch's files, one batch after another, while the next batches are written.
+    self.syncer = concurrent.futures.ThreadPoolExecutor(1, "k2-convert-fsync")
+    self.syncs: list[concurrent.futures.Future] = []
+    self.synced: set[str] = set()
     self.ctx = ocp.Context()
     # Weights (INT4 words above all) barely compress; zstd would cost more time than it saves.
     self.ctx.array.saving.use_compression = False
@@ -235,10 +257,25 @@ class ParamsWriter:
     from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
     self.wait()
     if self.pending:
-      with self.ctx:
+      with self.ctx, _deferred_file_sync():
         self.in_flight = partial.save_async(self.path, self.pending)
+      self.syncs.append(self.syncer.submit(self._sync_written, self.in_flight))
       self.slabs.swap()
     self.pending, self.pending_bytes = {}, 0
+
+  def _sync_written(self, response) -> None:
+    """Once a batch is in the page cache: its files to disk (each file once; Orbax's own temporary
+    files may have gone meanwhile)."""
+    response.result()
+    for folder, _, files in os.walk(self.path):
+      for f in files:
+        path = os.path.join(folder, f)
+        if path not in self.synced:
+          try:
+            _fsync(path)
+          except FileNotFoundError:
+            continue
+          self.synced.add(path)
 
   def wait(self) -> None:
     if self.in_flight is not None:
@@ -254,12 +291,15 @@ class ParamsWriter:
         self.wait()
       except Exception:  # noqa: BLE001  (the first error is the one to report)
         pass
+    self.syncer.shutdown(wait=True)
 
   def finalize(self, dest: str) -> None:
     """Moves the finished tree to `dest` (a step's `params` folder)."""
     from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
     self.flush()
     self.wait()
+    for f in self.syncs:
+      f.result()
     with self.ctx:
       partial.finalize(self.path)
     _barrier("k2jax-convert-params")

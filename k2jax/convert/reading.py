@@ -1,4 +1,5 @@
-"""HF slices into host leaves, fast: slices read on a thread pool, transposed into place a tile at a time.
+"""HF slices into host leaves, fast: slices read through memory maps of the page cache on a thread pool,
+transposed into place a tile at a time.
 
 A linear weight is stored [out, in] in HF and [in, out] here, so every byte of a checkpoint is transposed
 on conversion. numpy copies a transposed view element by element along the destination's rows, which
@@ -33,6 +34,9 @@ def tile(shape: tuple[int, ...]) -> tuple[int, int]:
   return rows, max(TILE_COLS, TILE_ROWS * TILE_COLS // max(1, rows * per_row))
 
 
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # page tables filled in one call, not a fault per page
+
+
 class _MappedFile:
   """A validated safetensors file whose tensors are read as memory maps of its bytes."""
 
@@ -57,9 +61,6 @@ class _MappedFile:
       m = mmap.mmap(f.fileno(), offset + end - start - base, flags=mmap.MAP_SHARED | _POPULATE,
                     prot=mmap.PROT_READ, offset=base)
     return np.frombuffer(m, dtype, (end - start) // dtype.itemsize, offset - base).reshape(e["shape"])
-
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # page tables filled in one call, not a fault per page
 
 
 def mapped(ckpt: Checkpoint) -> Checkpoint:
