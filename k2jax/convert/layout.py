@@ -175,6 +175,9 @@ def _huge_empty(n: int) -> np.ndarray:
     return np.empty(n, np.uint8)
 
 
+BATCH_BYTES = 256 << 20  # leaves gathered into one Orbax save (each save has a fixed cost, ~40 ms)
+
+
 def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:
   """Leaf paths in the order to convert them. Writing a batch overlaps reading the next one, except
   for the first batch's read and the last one's write; so a small first batch (the smallest leaves, up
@@ -214,7 +217,7 @@ class ParamsWriter:
   `batch_bytes` (each save has a fixed cost); one batch is written while the next is assembled, each in
   its own slab of `max(batch_bytes, largest leaf)` bytes, so host memory holds two slabs at most."""
 
-  def __init__(self, staging_path: str, largest_leaf: int = 0, batch_bytes: int = 256 << 20):
+  def __init__(self, staging_path: str, largest_leaf: int = 0, batch_bytes: int = BATCH_BYTES):
     from orbax.checkpoint import v1 as ocp  # noqa: PLC0415
     self.path = os.path.join(staging_path, "params.building")
     self.batch_bytes = batch_bytes

@@ -135,8 +135,9 @@ def plan_convert(source: str, output_dir: str | None = None, dtype: str = "bfloa
       "weights_present": have_weights, "tensors_in": len(specs_in), "bytes_in": in_bytes,
       "leaves_out": len(leaf_sizes), "bytes_out": out_bytes, "largest_leaf": list(largest_leaf),
       "largest_input_file": largest_file,
-      # One leaf assembled in memory plus the slice being read (dequantised to fp32 at worst) and its cast.
-      "peak_host_bytes": largest_leaf[1] + 3 * largest_tensor,
+      # Two slabs (a batch being written, the next assembled) plus the slice being read (dequantised to
+      # fp32 at worst) and its cast.
+      "peak_host_bytes": 2 * max(largest_leaf[1], layout.BATCH_BYTES) + 3 * largest_tensor,
       "layout": [f"{output_dir or 'OUT'}/checkpoints/0/params   Orbax tree, {len(leaf_sizes)} leaves "
                  f"({'INT4 experts as packed int32 + scales, ' if form == 'int4' else ''}{dtype} elsewhere, "
                  "router bias fp32)",
