@@ -336,6 +336,10 @@ def test_nothing_is_renamed_into_place_before_every_file_is_synced(k2t, tmp_path
   monkeypatch.setattr(os, "replace", replace)
   convert(k2t, out, progress=False)
   assert committed and committed[0] > 10
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+  with layout._deferred_file_sync():  # tensorstore's own fsyncs are off only while a save is set up
+    assert tsu.get_ts_context(use_ocdbt=True).spec.to_json()["file_io_sync"] is False
+  assert "file_io_sync" not in tsu.get_ts_context(use_ocdbt=True).spec.to_json()
 
 
 def test_dry_run_of_the_1t_model_from_config_json_alone(tmp_path):

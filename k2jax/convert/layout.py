@@ -200,9 +200,13 @@ def _deferred_file_sync():
   the next batch, and `Staging.commit` syncs the whole tree before its rename, so the output is as
   durable as before. Orbax takes no tensorstore context, so its factory is swapped while a save is set
   up (when the save's arrays get their context)."""
-  from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415
-  import tensorstore as ts  # noqa: PLC0415
-  real = tensorstore_utils.get_ts_context
+  try:
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415
+    import tensorstore as ts  # noqa: PLC0415
+    real = tensorstore_utils.get_ts_context
+  except (ImportError, AttributeError):  # another Orbax: its per-file fsyncs stay (slower, as durable)
+    yield
+    return
   tensorstore_utils.get_ts_context = lambda **kw: ts.Context(dict(real(**kw).spec.to_json(), file_io_sync=False))
   try:
     yield
