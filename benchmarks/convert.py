@@ -152,7 +152,8 @@ def main(argv):
     conv_m, inner_m = statistics.median(conv_s), statistics.median(inner_s)
     print(f"cp:        median {cp_m:.1f} s = {size / cp_m / 1e9:.2f} GB/s")
     print(f"cp + sync: median {cps_m:.1f} s = {size / cps_m / 1e9:.2f} GB/s")
-    for what, m in (("whole process", conv_m), ("after start-up and header validation (read, transpose, write, commit)", inner_m)):
+    after = "after start-up and header validation (read, transpose, write, commit)"
+    for what, m in (("whole process", conv_m), (after, inner_m)):
       print(f"convert:   median {m:.1f} s = {size / m / 1e9:.2f} GB/s = {cp_m / m:.0%} of cp, "
             f"{cps_m / m:.0%} of cp + sync; {what}")
     if base_s:
