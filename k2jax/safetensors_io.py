@@ -5,8 +5,10 @@ little-endian data. No pickle is ever loaded.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -62,11 +64,14 @@ class SafetensorsFile:
 
   The header is validated in full on open (names, dtypes, shapes, byte ranges in bounds, of the size
   shape x dtype, not overlapping), so a truncated or forged file fails here, naming the file and tensor.
-  Tensors are read with plain file reads, not a memory map: a streaming reader's memory stays bounded.
+  Tensors are read with plain file reads into fresh buffers (a streaming reader's memory stays bounded),
+  or with `mapped` as memory maps of the page cache: no read copy and no new memory to fault in, for a
+  reader that copies each tensor into place at once (a map is released when its views are dropped).
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, mapped: bool = False):
     self.path = path
+    self.mapped = mapped
     if not os.path.isfile(path):
       raise SafetensorsError(f"{path}: not a file")
     size = os.path.getsize(path)
@@ -136,6 +141,8 @@ class SafetensorsFile:
   def get(self, name: str) -> np.ndarray:
     e = self.entries[name]
     start, end = e["data_offsets"]
+    if self.mapped and end > start:
+      return self._map(name, self._data_start + start, end - start)
     buf = np.empty(end - start, np.uint8)
     with open(self.path, "rb", buffering=0) as f:
       f.seek(self._data_start + start)
@@ -146,6 +153,21 @@ class SafetensorsFile:
           raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended while reading (truncated)")
         got += more
     return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+  def _map(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+    e = self.entries[name]
+    dtype = DTYPES[e["dtype"]]
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(self.path, "rb") as f:
+      # A file cut short after its header was checked would crash a reader of the map (SIGBUS).
+      if os.fstat(f.fileno()).st_size < offset + nbytes:
+        raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended while reading (truncated)")
+      m = mmap.mmap(f.fileno(), offset + nbytes - base, flags=mmap.MAP_SHARED | _POPULATE,
+                    prot=mmap.PROT_READ, offset=base)
+    return np.frombuffer(m, dtype, nbytes // dtype.itemsize, offset - base).reshape(e["shape"])
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # page tables filled in one call, not a fault per page
 
 
 # Bits that are all ones exactly for Inf / NaN (e4m3fn has no Inf; its NaN is S.1111.111), for the formats
@@ -217,6 +239,15 @@ class Checkpoint:
 
   def files(self) -> dict[str, SafetensorsFile]:
     return dict(self._files)
+
+  def mapped(self) -> "Checkpoint":
+    """This checkpoint (headers already validated) with its tensors read as memory maps of the page cache
+    (`SafetensorsFile`'s `mapped`)."""
+    out = copy.copy(self)
+    out._files = {f: copy.copy(sf) for f, sf in self._files.items()}
+    for sf in out._files.values():
+      sf.mapped = True
+    return out
 
   def file_of(self, name: str) -> str:
     """The path of the shard holding `name` (for error messages)."""

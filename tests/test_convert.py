@@ -110,11 +110,10 @@ def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path):
 
 
 def test_mapped_reads_equal_file_reads_and_a_shard_cut_short_later_is_named(k2t, tmp_path):
-  from k2jax.convert import reading
   src = str(tmp_path / "src")
   shutil.copytree(k2t, src)
   ck = Checkpoint(src)
-  mapped = reading.mapped(ck)
+  mapped = ck.mapped()
   for k in ck.keys():
     a, b = ck.get(k), mapped.get(k)
     assert (a.dtype, a.shape) == (b.dtype, b.shape), k

@@ -79,7 +79,7 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   # Host bytes of each leaf as read (the mesh path reads into jax arrays instead).
   spans = {leaf.path: layout.Slabs.span_of(reading.leaf_arrays(leaf, ckpt, dt, leaf.path in int4_leaves))
            for leaf in all_leaves}
-  ckpt = reading.mapped(ckpt)
+  ckpt = ckpt.mapped()
   bar = layout.ByteBar(total, "converting", progress)
   written = 0
   try:

@@ -10,15 +10,13 @@ copied as uint16, which numpy copies natively rather than through the type's per
 from __future__ import annotations
 
 import concurrent.futures
-import copy
-import mmap
 import os
 from typing import Callable
 
 import numpy as np
 
 from k2jax import hf, int4
-from k2jax.safetensors_io import DTYPES, Checkpoint, SafetensorsError, SafetensorsFile
+from k2jax.safetensors_io import DTYPES, Checkpoint
 
 # Tile of a transposed copy: destination rows (axis 0) x destination columns (source rows kept in
 # cache); a tile of about TILE_ROWS x TILE_COLS elements, made wider where rows are few or the middle
@@ -32,44 +30,6 @@ def tile(shape: tuple[int, ...]) -> tuple[int, int]:
   rows = min(shape[0], TILE_ROWS)
   per_row = int(np.prod(shape[1:-1]))  # the middle axes go whole into every tile
   return rows, max(TILE_COLS, TILE_ROWS * TILE_COLS // max(1, rows * per_row))
-
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # page tables filled in one call, not a fault per page
-
-
-class _MappedFile:
-  """A validated safetensors file whose tensors are read as memory maps of its bytes."""
-
-  def __init__(self, sf: SafetensorsFile):
-    self.sf = sf
-
-  def __getattr__(self, attr):
-    return getattr(self.sf, attr)
-
-  def get(self, name: str) -> np.ndarray:
-    e = self.sf.entries[name]
-    start, end = e["data_offsets"]
-    dtype = DTYPES[e["dtype"]]
-    if end == start:
-      return np.empty(e["shape"], dtype)
-    offset = self.sf._data_start + start  # noqa: SLF001  (validated on open)
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(self.sf.path, "rb") as f:
-      # A file cut short after its header was checked would crash a reader of the map (SIGBUS).
-      if os.fstat(f.fileno()).st_size < offset + end - start:
-        raise SafetensorsError(f"{self.sf.path}: tensor {name!r}: file ended while reading (truncated)")
-      m = mmap.mmap(f.fileno(), offset + end - start - base, flags=mmap.MAP_SHARED | _POPULATE,
-                    prot=mmap.PROT_READ, offset=base)
-    return np.frombuffer(m, dtype, (end - start) // dtype.itemsize, offset - base).reshape(e["shape"])
-
-
-def mapped(ckpt: Checkpoint) -> Checkpoint:
-  """`ckpt` (headers already validated) with its tensors read through memory maps of the page cache
-  rather than copied into fresh buffers: one pass less over every byte, and no new memory to fault in;
-  a slice's map is released when its views are dropped (after its copy into place)."""
-  out = copy.copy(ckpt)
-  out._files = {f: _MappedFile(sf) for f, sf in ckpt.files().items()}  # noqa: SLF001
-  return out
 
 
 def workers() -> int:
