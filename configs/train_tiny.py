@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.optimizer.adam_b1 = 0.9
   cfg.optimizer.adam_b2 = 0.95
   cfg.optimizer.grad_clip = 0.0
+  cfg.optimizer.ns_dtype = "float32"   # Newton-Schulz dtype; "bfloat16" as the reference Muon implementations
 
   cfg.log_every = 10
   cfg.eval_every = 100

@@ -1,0 +1,91 @@
+"""Where k2jax's train step spends its CPU time at a given width: each component jitted and timed alone.
+
+  python -m benchmarks.profile_train --width=small [--batch=8 --reps=3]
+
+Forward, and forward + backward (gradients of params and input), of one layer's attention (the per-head
+training path), the MoE layer, the dense MLP, and the vocab head + loss, times the layer counts; the whole
+`loss_and_grads`; the optimizer update alone (MuonClip with Newton-Schulz in fp32 and in bf16, and AdamW on
+every leaf); and the matmul rates that bound Newton-Schulz (one 2-D product and a batched one, fp32 and
+bf16 with fp32 accumulation). Batch x 128 tokens, fp32, widths as in `benchmarks/widths.py`.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import median_ms
+from benchmarks.widths import TRAIN_SEQ, _train_batches, width_config
+from k2jax import attention, moe, params as params_lib, rope
+from k2jax.configs import train_tiny
+from k2jax.layers import swiglu_mlp
+from k2jax.train import train_step as ts
+
+
+def _matmul_rates(reps: int) -> list[tuple[str, float]]:
+  rng = np.random.default_rng(0)
+  rows = []
+  for name, shape_a, shape_b in (("1024x1024x1024", (1024, 1024), (1024, 1024)),
+                                 ("256x512x256", (256, 512), (512, 256)),
+                                 ("batched 160x[256x512x256]", (160, 256, 512), (160, 512, 256))):
+    for dt in (jnp.float32, jnp.bfloat16):
+      a, b = (jnp.asarray(rng.standard_normal(s), dt) for s in (shape_a, shape_b))
+      f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+      ms = median_ms(f, a, b, reps=reps)
+      flops = 2 * np.prod(shape_a) * shape_b[-1]
+      rows.append((f"matmul {name} {jnp.dtype(dt).name}", flops / ms / 1e6))
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--width", default="small")
+  ap.add_argument("--batch", type=int, default=8, help=f"sequences of {TRAIN_SEQ} tokens")
+  ap.add_argument("--reps", type=int, default=3)
+  args = ap.parse_args()
+  c = width_config(args.width)
+  p = params_lib.init_params(c, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  B, T = args.batch, TRAIN_SEQ
+  x = jnp.asarray(rng.standard_normal((B, T, c.hidden_size)), jnp.float32)
+  layer = lambda name: jax.tree.map(lambda a: a[0], p[name])  # noqa: E731
+  moe_p, dense_p = layer("moe_layers"), layer("dense_layers")
+  seg = jnp.ones((B, T), jnp.int32)
+  idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = attention.Mask(seg, idx, seg)
+  cos, sin = rope.cos_sin(c, idx, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, c.vocab_size, (B, T)))
+  parts = (
+      ("attention", lambda pa, h: attention.mla(pa, h, c, cos, sin, mask)[0], moe_p["attn"], c.num_hidden_layers),
+      ("MoE layer", lambda pm, h: moe.moe(pm, h, c, jnp.ones(h.shape[:2], bool))[0], moe_p["moe"], c.num_moe_layers),
+      ("dense MLP", lambda pm, h: swiglu_mlp(h, pm), dense_p["mlp"], c.num_dense_layers),
+      ("head + loss", lambda w, h: ts.token_nll(h, w, targets), p["lm_head_dv"], 1),
+  )
+  print(f"# width={args.width} (d={c.hidden_size}, {c.num_hidden_layers} layers, {c.n_routed_experts} experts "
+        f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}), {B * T} tokens, jax {jax.__version__}, fp32")
+  print("| component | forward ms | forward + backward ms |")
+  print("|---|---:|---:|")
+  for name, f, params, n in parts:
+    fb = jax.jit(jax.grad(lambda pp, h, f=f: jnp.sum(f(pp, h)), argnums=(0, 1)))
+    print(f"| {name} x{n} | {n * median_ms(jax.jit(f), params, x, reps=args.reps):.0f} | "
+          f"{n * median_ms(fb, params, x, reps=args.reps):.0f} |", flush=True)
+  batch = _train_batches(1, B)[0]
+  lg = jax.jit(lambda pp, b: ts.loss_and_grads(pp, c, b)[:2])
+  print(f"| whole loss_and_grads | | {median_ms(lg, p, batch, reps=args.reps):.0f} |", flush=True)
+  grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), p)
+  for name, matrices, ns_dtype in (("MuonClip, NS fp32", "muon", "float32"), ("MuonClip, NS bf16", "muon", "bfloat16"),
+                                   ("AdamW on every leaf", "adamw", "float32")):
+    cfg = train_tiny.get_config()
+    cfg.optimizer.matrices, cfg.optimizer.ns_dtype = matrices, ns_dtype
+    tx, _ = ts.make_optimizer(cfg)
+    update = jax.jit(lambda g, s, pp, tx=tx: tx.update(g, s, pp)[0])
+    print(f"| optimizer update: {name} | | {median_ms(update, grads, tx.init(p), p, reps=args.reps):.0f} |", flush=True)
+  print("\n| product | GFLOP/s |\n|---|---:|")
+  for name, rate in _matmul_rates(max(args.reps, 5)):
+    print(f"| {name} | {rate:.0f} |")
+
+
+if __name__ == "__main__":
+  main()
