@@ -111,6 +111,15 @@ def _cfg(**axes):
   return cfg
 
 
+
+def test_the_default_grid_plans():
+  # Every rl_step of the shipped grid is saved by its RL run; heavy's factor doubles its problems.
+  cfg = tts_tiny.get_config()
+  plan = tts.make_plan(cfg, None, trained_here=True)
+  assert list(plan.axes) == list(sweep.AXES) and plan.axes["rl_step"][-1] == cfg.train.rl.num_steps
+  assert tts.problems_of(cfg, "heavy") == 2 * cfg.n_problems and tts.problems_of(cfg, "parallel") == cfg.n_problems
+  assert tts.point_setting(plan, cfg, "parallel", 16).temperature == cfg.vote_temperature
+
 @pytest.mark.parametrize("change,message", [
     (lambda c, a: a.append("thinking"), "unknown axis 'thinking' in --axes"),
     (lambda c, a: setattr(c.axes, "parallel", ()), "axis 'parallel' has an empty grid"),
