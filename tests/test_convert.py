@@ -84,7 +84,7 @@ def test_tiled_copy_into_place_equals_numpy(dtype, to):
     reading.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
 
 
-def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path):
+def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path, monkeypatch):
   """Leaves carved from the two slabs, many batches (some a single leaf over the batch size): each
   leaf's memory is reused only after its batch is written, so what Orbax restores equals the inputs."""
   import orbax.checkpoint as ocp
@@ -93,6 +93,21 @@ def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path):
   want = {f"l{i}": rng.standard_normal(s).astype(np.float32 if i % 2 else ml_dtypes.bfloat16)
           for i, s in enumerate(sizes)}
   biggest = max(layout.Slabs.span(a.nbytes) for a in want.values())
+  synced = []  # sizes of the files the writer synced in the background
+  real_fsync_all = layout._fsync_all
+  monkeypatch.setattr(layout, "_fsync_all", lambda paths: (
+      synced.extend(os.path.getsize(p) for p in paths if os.path.exists(p)), real_fsync_all(paths)))
+  _write_leaves(tmp_path, want, biggest)
+  # Every batch's files went to disk in the background, before the finalize moved them: the commit's
+  # own sync then finds nothing left to write.
+  assert sum(synced) >= sum(a.nbytes for a in want.values())
+  got = ocp.PyTreeCheckpointer().restore(str(tmp_path / "params"))["group"]
+  assert sorted(got) == sorted(want)
+  for k, a in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]).view(np.uint8), a.view(np.uint8), err_msg=k)
+
+
+def _write_leaves(tmp_path, want, biggest):
   with layout.ParamsWriter(str(tmp_path), largest_leaf=biggest, batch_bytes=2048) as w:
     for k, a in want.items():
       w.make_room(layout.Slabs.span(a.nbytes))
@@ -100,13 +115,8 @@ def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path):
       assert buf.base is not None  # carved from a slab, not fresh memory
       buf[...] = a
       w.write(f"group/{k}", buf)
-    dest = str(tmp_path / "params")
-    w.finalize(dest)
+    w.finalize(str(tmp_path / "params"))
   assert all(b is not None for b in w.slabs.bufs)  # both slabs served
-  got = ocp.PyTreeCheckpointer().restore(dest)["group"]
-  assert sorted(got) == sorted(want)
-  for k, a in want.items():
-    np.testing.assert_array_equal(np.asarray(got[k]).view(np.uint8), a.view(np.uint8), err_msg=k)
 
 
 def test_mapped_reads_equal_file_reads_and_a_shard_cut_short_later_is_named(k2t, tmp_path):
