@@ -23,6 +23,7 @@ import numpy as np
 
 from k2jax import params as params_lib
 from k2jax.config import K2Config
+from k2jax.host_copy import copy_into
 from k2jax.safetensors_io import DTYPES, FLOAT_DTYPES, Checkpoint, apply_umask, save_sharded
 
 FP8_BLOCK = 128
@@ -226,7 +227,6 @@ def _fill(batch: tuple[int, ...], per_shape: tuple[int, ...], dtype, get: Callab
   idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
   dims = [range(*s.indices(n)) for s, n in zip(idx, shape)]
   rest = idx[len(batch):]
-  from k2jax.convert.reading import copy_into  # noqa: PLC0415  (transposed slices copied in tiles)
   out = np.empty([len(r) for r in dims], dtype)
   for pos in itertools.product(*(list(enumerate(r)) for r in dims[:len(batch)])):
     layer_expert = [p[1] for p in pos] + [None] * (2 - len(batch))

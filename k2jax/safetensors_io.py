@@ -324,6 +324,92 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
     raise
 
 
+class ShardWriter:
+  """Writes a planned stream of tensors as `model-0000k-of-0000n.safetensors` shards plus
+  `model.safetensors.index.json`, each tensor straight to its file as it comes (host memory holds none
+  of them): `specs` (name, shape, dtype name) in the order `write` will be called, so every shard's
+  header is known before its first byte. Shards split where the next tensor would pass `max_shard_bytes`
+  (as `save_sharded`). Meant for a staging folder: a failure leaves partial files for the caller to
+  remove. `on_file(path)` is called as each shard is complete (e.g. to fsync it in the background)."""
+
+  def __init__(self, folder: str, specs: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int = 4 << 30,
+               on_file=None):
+    self.folder = folder
+    self.on_file = on_file
+    groups: list[list] = [[]]
+    size = 0
+    for name, shape, dt in specs:
+      if dt not in DTYPES:
+        raise SafetensorsError(f"tensor {name!r}: dtype {dt!r} cannot be stored in safetensors")
+      n = DTYPES[dt].itemsize * math.prod(shape)
+      if size and size + n > max_shard_bytes:
+        groups.append([])
+        size = 0
+      groups[-1].append((name, tuple(shape), dt, n))
+      size += n
+    self.groups = [g for g in groups if g]
+    self.names = [f"model-{i + 1:05d}-of-{len(self.groups):05d}.safetensors" for i in range(len(self.groups))]
+    self.shard, self.index, self.fd = -1, 0, None
+
+  def _open_next(self) -> None:
+    self._close_current()
+    self.shard += 1
+    self.index = 0
+    header, offset = {}, 0
+    for name, shape, dt, n in self.groups[self.shard]:
+      header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
+      offset += n
+    blob = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    self.fd = os.open(os.path.join(self.folder, self.names[self.shard]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                      0o666)
+    _write_all(self.fd, struct.pack("<Q", len(blob)) + blob)
+
+  def _close_current(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+      if self.on_file is not None:
+        self.on_file(os.path.join(self.folder, self.names[self.shard]))
+
+  def write(self, name: str, a: np.ndarray) -> None:
+    """The next planned tensor: C-contiguous, of its planned dtype and element count (`a` may be shaped
+    otherwise, e.g. INT4 words as [out, in/32, 4])."""
+    if self.fd is None or self.index == len(self.groups[self.shard]):
+      if self.shard + 1 == len(self.groups):
+        raise SafetensorsError(f"tensor {name!r} was not planned (all planned tensors are written)")
+      self._open_next()
+    want, shape, dt, n = self.groups[self.shard][self.index]
+    if name != want or a.dtype != DTYPES[dt] or a.nbytes != n or not a.flags.c_contiguous:
+      raise SafetensorsError(f"tensor {name!r} ({a.dtype}, {a.shape}) does not match the plan: {want!r} "
+                             f"({dt}, {shape})")
+    _write_all(self.fd, a.reshape(-1).view(np.uint8))
+    self.index += 1
+
+  def close(self) -> None:
+    """Ends the last shard and writes the index; every planned tensor must have been written."""
+    if self.shard + 1 != len(self.groups) or (self.groups and self.index != len(self.groups[-1])):
+      raise SafetensorsError("the stream ended before every planned tensor was written")
+    self._close_current()
+    weight_map = {name: f for f, g in zip(self.names, self.groups) for name, *_ in g}
+    path = os.path.join(self.folder, "model.safetensors.index.json")
+    with open(path, "w") as f:
+      json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    if self.on_file is not None:
+      self.on_file(path)
+
+  def abort(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+
+
+def _write_all(fd: int, data) -> None:
+  view = memoryview(data).cast("B")
+  while view:
+    view = view[os.write(fd, view):]
+
+
 def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], folder: str, max_shard_bytes: int = 4 << 30) -> None:
   """Writes `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json` from a stream."""
   os.makedirs(folder, exist_ok=True)

@@ -65,23 +65,26 @@ def _assert_same_tensors(a_dir, b_dir):
 @pytest.mark.parametrize("dtype,to", [(ml_dtypes.bfloat16, None), (np.int32, None), (np.float32, ml_dtypes.bfloat16),
                                       (ml_dtypes.bfloat16, np.float32)])
 def test_tiled_copy_into_place_equals_numpy(dtype, to):
-  """The converter's transposed copies (tiles over rows and columns, bf16 copied as uint16, casts on the
-  way) against numpy's plain copy, on shapes that leave partial tiles in every tiled axis."""
-  from k2jax.convert import reading  # noqa: PLC0415
+  """The converter's and exporter's transposed copies (tiles over rows and columns, bf16 copied as uint16
+  or in groups of 4 as uint64, casts on the way) against numpy's plain copy, on shapes that leave partial
+  tiles and blocks in every tiled axis."""
+  from k2jax import host_copy  # noqa: PLC0415
   rng = np.random.default_rng(0)
   to = to or dtype
-  int4_cols = reading.tile((4, 12, 1))[1]
-  for shape, perm in [((reading.TILE_COLS * 3 + 5, reading.TILE_ROWS + 7), (1, 0)),   # HF [out, in] -> [in, out]
-                      ((3 * int4_cols + 1, 12, 4), (2, 1, 0)),                        # INT4 words -> [4, K/32, N]
-                      ((5, 9), (1, 0)), ((2, 3, 70), (0, 1, 2))]:                     # small; already in order
+  int4_cols = host_copy.tile((4, 12, 1))[1]
+  for shape, perm in [((host_copy.TILE_COLS * 3 + 5, host_copy.TILE_ROWS + 7), (1, 0)),  # HF [out, in] -> [in, out]
+                      ((3 * int4_cols + 1, 12, 4), (2, 1, 0)),                      # INT4 words -> [4, K/32, N]
+                      ((4, 12, 3 * int4_cols + 1), (2, 1, 0)),                      # [4, K/32, N] -> HF words
+                      ((host_copy.GROUP_ROWS + 5, 4 * host_copy.GROUP_COLS + 12), (1, 0)),  # bf16 in groups of 4
+                      ((5, 9), (1, 0)), ((2, 3, 70), (0, 1, 2))]:                   # small; already in order
     src = rng.standard_normal(shape).astype(np.float32)
     src = (src * 2**20).astype(dtype) if dtype == np.int32 else src.astype(dtype)
     view = src.transpose(perm)
     dst = np.empty(view.shape, to)
-    reading.copy_into(dst, view)
+    host_copy.copy_into(dst, view)
     np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
   with pytest.raises(ValueError, match="copy of a"):
-    reading.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
+    host_copy.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
 
 
 def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path, monkeypatch):
@@ -158,6 +161,40 @@ def test_round_trip_reproduces_every_tensor_and_config_field(k2t, converted, tmp
   step = os.path.join(converted, "checkpoints", "0")
   assert cli_common.load_tokenizer(None, C, step).encode("Hello world") == Tokenizer.from_dir(TOKENIZER).encode(
       "Hello world")
+
+
+def test_export_streams_into_planned_shards_the_reference_reader_loads(k2t, converted, tmp_path, monkeypatch):
+  """Small shards: each tensor goes straight to its planned place; the safetensors reference reader (which
+  checks that offsets tile the data exactly) reads every shard, and the tensors are the source's."""
+  from safetensors.numpy import load_file
+  back = str(tmp_path / "back")
+  export(converted, back, max_shard_bytes=300_000, progress=False)
+  shards = sorted(f for f in os.listdir(back) if f.endswith(".safetensors"))
+  assert len(shards) >= 3 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+  index = json.load(open(os.path.join(back, "model.safetensors.index.json")))["weight_map"]
+  ref = Checkpoint(k2t)
+  for f in shards:
+    for k, v in load_file(os.path.join(back, f)).items():
+      assert index[k] == f
+      np.testing.assert_array_equal(v.reshape(-1).view(np.uint8), ref.get(k).reshape(-1).view(np.uint8), err_msg=k)
+  _assert_same_tensors(k2t, back)
+  from k2jax.safetensors_io import ShardWriter
+  w = ShardWriter(str(tmp_path), [("a", (2, 3), "BF16")])
+  with pytest.raises(SafetensorsError, match=r"'b' .* does not match the plan: 'a'"):
+    w.write("b", np.zeros((2, 3), ml_dtypes.bfloat16))
+  w.abort()
+  real, calls = ShardWriter.write, []
+
+  def failing(self, name, a):  # a write failing mid-way on the writer thread (a full disk)
+    calls.append(name)
+    if len(calls) == 40:
+      raise OSError(28, "No space left on device")
+    return real(self, name, a)
+  monkeypatch.setattr(ShardWriter, "write", failing)
+  out = str(tmp_path / "failed")
+  with pytest.raises(OSError, match="No space left"):
+    export(converted, out, max_shard_bytes=300_000, progress=False)
+  assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
 
 def test_converted_checkpoint_keeps_int4_and_loads_like_the_hf_folder(k2t, converted):

@@ -7,11 +7,13 @@ quantiser, so the exported model is the one QAT trained.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,10 @@ import numpy as np
 from k2jax import hf, int4
 from k2jax.config import ConfigError, K2Config
 from k2jax.convert import layout
-from k2jax.safetensors_io import save_sharded
+from k2jax.host_copy import copy_into
+from k2jax.safetensors_io import DTYPES, ShardWriter
+
+_NAMES = {v: k for k, v in DTYPES.items()}
 
 FORMATS = ("k2_thinking", "bf16")
 
@@ -42,20 +47,38 @@ def open_checkpoint(checkpoint: str):
   return manager, step, meta, c
 
 
-def _restore_leaf(manager, step: int, leaf_path: str, like: Any) -> Any:
-  """One leaf of the params item (partial restore), as numpy (a QuantizedWeight of numpy for INT4)."""
+def _restore(manager, step: int, likes: dict[str, Any]) -> dict[str, Any]:
+  """Some leaves of the params item (one partial restore: Orbax's per-restore cost is paid once for
+  them), as numpy (a QuantizedWeight of numpy for INT4): {leaf path: value}."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
-  stored = {"packed": like.packed, "scales": like.scales} if isinstance(like, int4.QuantizedWeight) else like
   item: dict = {}
-  hf.set_path(item, leaf_path, stored)
-  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                partial_restore=True)
+  for path, like in likes.items():
+    stored = {"packed": like.packed, "scales": like.scales} if isinstance(like, int4.QuantizedWeight) else like
+    hf.set_path(item, path, stored)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
   out = manager.restore(step, args=ocp.args.Composite(params=args))["params"]
-  for k in leaf_path.split("/"):
-    out = out[k]
-  if isinstance(like, int4.QuantizedWeight):
-    return int4.QuantizedWeight(np.asarray(out["packed"]), np.asarray(out["scales"]))
-  return np.asarray(out)
+  values = {}
+  for path, like in likes.items():
+    v = out
+    for k in path.split("/"):
+      v = v[k]
+    values[path] = (int4.QuantizedWeight(np.asarray(v["packed"]), np.asarray(v["scales"]))
+                    if isinstance(like, int4.QuantizedWeight) else np.asarray(v))
+  return values
+
+
+def _batches(leaves: list[hf.Leaf], sizes: dict[str, int], batch_bytes: int) -> list[list[hf.Leaf]]:
+  """Consecutive leaves gathered into restores of up to `batch_bytes` (a larger leaf alone)."""
+  out: list[list[hf.Leaf]] = []
+  size = batch_bytes
+  for leaf in leaves:
+    if size + sizes[leaf.path] > batch_bytes:
+      out.append([])
+      size = 0
+    out[-1].append(leaf)
+    size += sizes[leaf.path]
+  return out
 
 
 def _quantizer(mode: str):
@@ -63,22 +86,60 @@ def _quantizer(mode: str):
   return jax.jit(lambda w: int4.QuantizedWeight.quantize(w, mode))
 
 
-def _leaf_tensors(leaf: hf.Leaf, value: Any, fmt: str, quantize) -> Iterator[tuple[str, np.ndarray]]:
-  if fmt == "k2_thinking" and leaf.experts and not isinstance(value, int4.QuantizedWeight):
-    for layer in range(value.shape[0]):  # one layer of experts at a time through the jitted quantiser
+# One HF tensor of a leaf: (name, HF shape, dtype, value -> a view holding its elements in HF order,
+# shaped as is convenient to copy from: the INT4 words of W[in, out] as [out, in/32, 4]).
+Part = tuple[str, tuple[int, ...], np.dtype, Callable[[Any], np.ndarray]]
+
+
+def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None) -> list[Part]:
+  """The HF tensors of one leaf in the order they are written, from its stored shape and dtype alone."""
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  parts: list[Part] = []
+  quantized: dict = {}  # a dense expert leaf's INT4 form, one layer at a time (the last one kept)
+
+  def int4_of(value, layer):
+    if isinstance(value, int4.QuantizedWeight):
+      return value
+    if layer not in quantized:  # a training run's dense experts, through the jitted QAT quantiser
+      quantized.clear()
       q = quantize(jnp.asarray(value[layer], jnp.float32))
-      q = int4.QuantizedWeight(np.asarray(q.packed)[None], np.asarray(q.scales)[None])
-      for name, t in hf.leaf_hf_tensors(_one_layer(leaf, layer), q):
-        yield name, t
-    return
-  yield from hf.leaf_hf_tensors(leaf, value, ml_dtypes.bfloat16, dequantize=(fmt == "bf16"))
+      quantized[layer] = int4.QuantizedWeight(np.asarray(q.packed)[None], np.asarray(q.scales)[None])
+    return quantized[layer]
 
+  stored_int4 = isinstance(like, int4.QuantizedWeight)
+  for layer, e in leaf.slices():
+    idx = tuple(i for i in (layer, e) if i is not None)
+    name = leaf.hf_name(layer, e)
+    if leaf.map.linear and leaf.experts and fmt == "k2_thinking":
+      n_out, n_in = leaf.hf_shape
+      scale_dt = np.dtype(like.scales.dtype) if stored_int4 else bf16
+      # Per slice: the stored INT4 words [4, K/32, N] / scales [K/32, N], or those of the layer quantised.
+      at = idx if stored_int4 else (0,) + idx[1:]
 
-def _one_layer(leaf: hf.Leaf, layer: int) -> hf.Leaf:
-  """The leaf restricted to one layer of its stack (for per-layer streaming)."""
-  import dataclasses  # noqa: PLC0415
-  spec = dataclasses.replace(leaf.spec, shape=(1,) + tuple(leaf.spec.shape[1:]))
-  return dataclasses.replace(leaf, spec=spec, layer0=leaf.layer0 + layer)
+      def words(v, at=at, layer=layer):  # HF words [out, in/8] = [N, K/32, 4] of packed [4, K/32, N]
+        return int4_of(v, layer).packed[at].transpose(2, 1, 0)
+
+      def scales(v, at=at, layer=layer):
+        return int4_of(v, layer).scales[at].T
+      parts += [
+          (f"{name}.weight_packed", (n_out, n_in // int4.PER_WORD), np.dtype(np.int32), words),
+          (f"{name}.weight_scale", (n_out, n_in // int4.GROUP), scale_dt, scales),
+          (f"{name}.weight_shape", (2,), np.dtype(np.int64),
+           lambda v, s=(n_out, n_in): np.array(s, np.int64)),
+      ]
+      continue
+    dt = np.dtype(like.dtype) if leaf.spec.dtype is not None else bf16
+
+    def dense(v, idx=idx):
+      if isinstance(v, int4.QuantizedWeight):  # --format=bf16: dequantised, one slice at a time
+        return int4.QuantizedWeight(v.packed[idx], v.scales[idx]).dequantize(np.float32)
+      return v[idx] if idx else v
+    if leaf.map.linear:
+      parts.append((f"{name}.weight", tuple(leaf.hf_shape), dt,
+                    lambda v, dense=dense: dense(v).reshape(leaf.hf_shape[::-1]).T))
+    else:
+      parts.append((name, tuple(leaf.hf_shape), dt, lambda v, dense=dense: dense(v).reshape(leaf.hf_shape)))
+  return parts
 
 
 def _config_json(meta: dict, c: K2Config, fmt: str, side: str | None) -> tuple[dict, bool]:
@@ -103,14 +164,30 @@ def _config_json(meta: dict, c: K2Config, fmt: str, side: str | None) -> tuple[d
   return out, source is not None and out == source
 
 
+def _fsync_file(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+SLAB_BYTES = 64 << 20  # host buffers of tensors on their way to disk (two, in turn; larger tensors alone)
+RESTORE_BYTES = 256 << 20  # leaves restored together (Orbax's per-restore cost is paid once for them)
+
+
 def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_shard_bytes: int = 4 << 30,
            progress: bool = True) -> dict[str, Any]:
   """Writes an HF checkpoint folder (sharded safetensors + index, config.json, tokenizer files) from a
-  k2jax checkpoint; all or nothing. Returns a summary."""
+  k2jax checkpoint; all or nothing. Returns a summary.
+
+  Streams on three threads: Orbax restores the next leaves while this one's tensors are transposed into
+  one of two host slabs, and a writer thread puts the other slab's tensors into the shard files (whose
+  headers are planned from shapes, so nothing is gathered), each shard fsynced in the background as it
+  is complete. Host memory: two restores of up to `RESTORE_BYTES` (or a leaf) plus the two slabs."""
   if fmt not in FORMATS:
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
   from k2jax.train import checkpointing  # noqa: PLC0415
-  from k2jax.train.train_step import QAT_MODE  # noqa: PLC0415
   layout.check_output(output_dir)
   manager, step, meta, c = open_checkpoint(checkpoint)
   try:
@@ -118,26 +195,59 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
     is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
     flat = {k: v for k, v in _flat(like, is_qw)}
     leaves = hf.leaves(c)
-    total = sum(layout.nbytes(flat[leaf.path]) for leaf in leaves)
-    quantize = _quantizer(QAT_MODE)
+    sizes = {leaf.path: layout.nbytes(flat[leaf.path]) for leaf in leaves}
+    quantize = None
+    if fmt == "k2_thinking" and any(leaf.experts and not is_qw(flat[leaf.path]) for leaf in leaves):
+      from k2jax.train.train_step import QAT_MODE  # noqa: PLC0415  (imports the model: only when needed)
+      quantize = _quantizer(QAT_MODE)
+    parts = {leaf.path: _leaf_parts(leaf, flat[leaf.path], fmt, quantize) for leaf in leaves}
+    specs = [(name, shape, _NAMES[dt]) for leaf in leaves for name, shape, dt, _ in parts[leaf.path]]
     side = layout.hf_files_dir(checkpoint)
-    bar = layout.ByteBar(total, f"exporting ({fmt})", progress)
+    bar = layout.ByteBar(sum(sizes.values()), f"exporting ({fmt})", progress)
     written = {"bytes": 0, "tensors": 0}
-
-    def tensors():
-      for leaf in leaves:
-        bar.leaf(leaf.path)
-        value = _restore_leaf(manager, step, leaf.path, flat[leaf.path])
-        for name, t in _leaf_tensors(leaf, value, fmt, quantize):
-          written["bytes"] += t.nbytes
-          written["tensors"] += 1
-          yield name, t
-        bar.update(layout.nbytes(flat[leaf.path]))
-        del value
-
     try:
-      with layout.Staging(output_dir) as stage:
-        save_sharded(tensors(), stage.tmp, max_shard_bytes)
+      with (layout.Staging(output_dir) as stage,
+            concurrent.futures.ThreadPoolExecutor(1, "k2-export-restore") as restorer,
+            concurrent.futures.ThreadPoolExecutor(1, "k2-export-write") as writer,
+            concurrent.futures.ThreadPoolExecutor(1, "k2-export-fsync") as syncer):
+        syncs: list[concurrent.futures.Future] = []
+        shards = ShardWriter(stage.tmp, specs, max_shard_bytes,
+                             on_file=lambda path: syncs.append(syncer.submit(_fsync_file, path)))
+        writes: list[list[concurrent.futures.Future]] = [[], []]  # per slab: its tensors being written
+        try:
+          slabs = layout.Slabs(SLAB_BYTES)
+          batches = _batches(leaves, sizes, RESTORE_BYTES)
+          restore = lambda batch: _restore(manager, step, {leaf.path: flat[leaf.path] for leaf in batch})
+          pending = restorer.submit(restore, batches[0])
+          for i, batch in enumerate(batches):
+            values = pending.result()
+            if i + 1 < len(batches):
+              pending = restorer.submit(restore, batches[i + 1])
+            for leaf in batch:
+              bar.leaf(leaf.path)
+              for name, shape, dt, view_of in parts[leaf.path]:
+                src = view_of(values[leaf.path])
+                n = layout.Slabs.span(math.prod(shape) * dt.itemsize)
+                if not slabs.fits(n):  # the other slab's writes must be done before it is reused
+                  for f in writes[1 - slabs.current]:
+                    f.result()
+                  writes[1 - slabs.current] = []
+                  slabs.swap()
+                buf = slabs.empty(src.shape, dt)
+                copy_into(buf, src)
+                writes[slabs.current].append(writer.submit(shards.write, name, buf))
+                written["bytes"] += buf.nbytes
+                written["tensors"] += 1
+              bar.update(sizes[leaf.path])
+            del values
+          for f in writes[0] + writes[1]:
+            f.result()
+          shards.close()
+        finally:  # no write may still be running when its file is closed
+          for f in writes[0] + writes[1]:
+            f.cancel()
+          concurrent.futures.wait(writes[0] + writes[1])
+          shards.abort()
         cfg, unchanged = _config_json(meta, c, fmt, side)
         if unchanged:
           shutil.copy2(os.path.join(side, "config.json"), stage.path("config.json"))
@@ -147,6 +257,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
         for f in layout.side_files(side) if side else []:
           if f != "config.json":
             shutil.copy2(os.path.join(side, f), stage.path(f))
+        for f in syncs:
+          f.result()
         stage.commit()
     finally:
       seconds = bar.close()

@@ -1,12 +1,5 @@
 """HF slices into host leaves, fast: slices read through memory maps of the page cache on a thread pool,
-transposed into place a tile at a time.
-
-A linear weight is stored [out, in] in HF and [in, out] here, so every byte of a checkpoint is transposed
-on conversion. numpy copies a transposed view element by element along the destination's rows, which
-for a large weight touches a new page of the source at every element; done in narrow column tiles the
-source rows of a tile stay in cache and the copy runs several times faster. bf16 (an ml_dtypes type) is
-copied as uint16, which numpy copies natively rather than through the type's per-element hook.
-"""
+transposed into place a tile at a time (`host_copy`)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -16,47 +9,14 @@ from typing import Callable
 import numpy as np
 
 from k2jax import hf, int4
+from k2jax.host_copy import copy_into
 from k2jax.safetensors_io import DTYPES, Checkpoint
-
-# Tile of a transposed copy: destination rows (axis 0) x destination columns (source rows kept in
-# cache); a tile of about TILE_ROWS x TILE_COLS elements, made wider where rows are few or the middle
-# axes many (INT4 words [4, K/32, N]), so numpy's per-call overhead is paid on enough elements.
-TILE_COLS = 64
-TILE_ROWS = 512
-
-
-def tile(shape: tuple[int, ...]) -> tuple[int, int]:
-  """(rows, columns) of the tiles a transposed copy into a `shape` array goes by."""
-  rows = min(shape[0], TILE_ROWS)
-  per_row = int(np.prod(shape[1:-1]))  # the middle axes go whole into every tile
-  return rows, max(TILE_COLS, TILE_ROWS * TILE_COLS // max(1, rows * per_row))
 
 
 def workers() -> int:
   """Threads that read and transpose slices (numpy and file reads release the GIL)."""
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
   return max(1, min(4, cpus))
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-  """`a` viewed as unsigned integers of its width (a bit-exact copy of those is a plain numpy copy)."""
-  return a.view(f"u{a.dtype.itemsize}")
-
-
-def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
-  """dst[...] = src, cast to dst's dtype; `dst` is C-contiguous, `src` any view of the same shape (a
-  transposed one is copied in tiles)."""
-  if src.shape != dst.shape:
-    raise ValueError(f"copy of a {src.shape} slice into a {dst.shape} place")
-  if src.dtype == dst.dtype:
-    dst, src = _bits(dst), _bits(src)
-  if src.ndim < 2 or src.flags.c_contiguous or src.strides[-1] == src.itemsize:
-    np.copyto(dst, src, casting="unsafe")
-    return
-  tr, tc = tile(dst.shape)
-  for i in range(0, dst.shape[0], tr):
-    for j in range(0, dst.shape[-1], tc):
-      np.copyto(dst[i:i + tr, ..., j:j + tc], src[i:i + tr, ..., j:j + tc], casting="unsafe")
 
 
 def _results(futures: list[concurrent.futures.Future]):
