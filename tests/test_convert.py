@@ -83,8 +83,31 @@ def test_tiled_copy_into_place_equals_numpy(dtype, to):
     dst = np.empty(view.shape, to)
     host_copy.copy_into(dst, view)
     np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
+  # An attention weight: HF [H * hd, in] -> [in, H, hd], copied as the 2-D transpose it is.
+  src = rng.standard_normal((8 * 12, host_copy.GROUP_ROWS + 4)).astype(np.float32)
+  src = (src * 2**20).astype(dtype) if dtype == np.int32 else src.astype(dtype)
+  view = src.T.reshape(-1, 8, 12)
+  dst = np.empty(view.shape, to)
+  host_copy.copy_into(dst, view)
+  np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
   with pytest.raises(ValueError, match="copy of a"):
     host_copy.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2])
+def test_finite_check_by_bits_finds_every_nan_and_inf_and_passes_the_largest_values(dtype):
+  from k2jax import safetensors_io
+  n = 2 * safetensors_io._CHUNK + 7  # a partial last chunk
+  a = (np.random.default_rng(0).standard_normal(n) * 4).astype(dtype)
+  big = float(ml_dtypes.finfo(dtype).max)
+  a[[3, n - 2]] = [big, -big]
+  assert safetensors_io._all_finite(a)
+  specials = [np.nan, -np.nan] + ([np.inf, -np.inf] if dtype != ml_dtypes.float8_e4m3fn else [])
+  for at in (0, safetensors_io._CHUNK, n - 1):
+    for v in specials:
+      b = a.copy()
+      b[at] = v
+      assert not safetensors_io._all_finite(b), (at, v)
 
 
 def test_params_writer_batches_in_two_slabs_write_every_leaf(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 
 from k2jax import hf, int4
 from k2jax.config import ConfigError, K2Config
-from k2jax.convert import layout
+from k2jax.convert import layout, reading
 from k2jax.host_copy import copy_into
 from k2jax.safetensors_io import DTYPES, ShardWriter
 
@@ -172,6 +172,11 @@ def _fsync_file(path: str) -> None:
     os.close(fd)
 
 
+def _write_when_copied(shards: ShardWriter, name: str, buf: np.ndarray, copied: concurrent.futures.Future) -> None:
+  copied.result()
+  shards.write(name, buf)
+
+
 SLAB_BYTES = 64 << 20  # host buffers of tensors on their way to disk (two, in turn; larger tensors alone)
 RESTORE_BYTES = 256 << 20  # leaves restored together (Orbax's per-restore cost is paid once for them)
 
@@ -181,8 +186,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
   """Writes an HF checkpoint folder (sharded safetensors + index, config.json, tokenizer files) from a
   k2jax checkpoint; all or nothing. Returns a summary.
 
-  Streams on three threads: Orbax restores the next leaves while this one's tensors are transposed into
-  one of two host slabs, and a writer thread puts the other slab's tensors into the shard files (whose
+  Streams: Orbax restores the next leaves while this one's tensors are transposed (on a thread per
+  core) into one of two host slabs, and a writer thread puts them into the shard files in order (their
   headers are planned from shapes, so nothing is gathered), each shard fsynced in the background as it
   is complete. Host memory: two restores of up to `RESTORE_BYTES` (or a leaf) plus the two slabs."""
   if fmt not in FORMATS:
@@ -208,6 +213,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
     try:
       with (layout.Staging(output_dir) as stage,
             concurrent.futures.ThreadPoolExecutor(1, "k2-export-restore") as restorer,
+            concurrent.futures.ThreadPoolExecutor(reading.workers(), "k2-export-copy") as copiers,
             concurrent.futures.ThreadPoolExecutor(1, "k2-export-write") as writer,
             concurrent.futures.ThreadPoolExecutor(1, "k2-export-fsync") as syncer):
         syncs: list[concurrent.futures.Future] = []
@@ -234,8 +240,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
                   writes[1 - slabs.current] = []
                   slabs.swap()
                 buf = slabs.empty(src.shape, dt)
-                copy_into(buf, src)
-                writes[slabs.current].append(writer.submit(shards.write, name, buf))
+                copied = copiers.submit(copy_into, buf, src)  # `src` keeps its restored array alive
+                writes[slabs.current].append(writer.submit(_write_when_copied, shards, name, buf, copied))
                 written["bytes"] += buf.nbytes
                 written["tensors"] += 1
               bar.update(sizes[leaf.path])
