@@ -92,3 +92,38 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     np.copyto(dst, src, casting="unsafe")
     return
   _tiled(dst, src)
+
+
+# INT4 words: HF stores them [out, in/8] (word w of a row = group w // 4, word w % 4 in it), k2jax as
+# [4, in/32, out]. One strided 3-D copy between the two runs a 4-element inner loop (numpy's overhead per
+# step); as a 2-D transpose plus a copy of whole rows (each through a kept scratch buffer) it runs about
+# twice as fast.
+
+
+def _scratch_words(n: int, dtype) -> np.ndarray:
+  buf = getattr(_scratch, "words", None)
+  if buf is None or buf.nbytes < n * np.dtype(dtype).itemsize:
+    buf = _scratch.words = np.empty(n * np.dtype(dtype).itemsize, np.uint8)
+  return buf[:n * np.dtype(dtype).itemsize].view(dtype)
+
+
+def copy_words_to_packed(dst: np.ndarray, packed: np.ndarray) -> None:
+  """dst[4, G, N] = packed, a view of HF words [N, 4G] as [4, G, N] (`int4.from_hf(..., copy=False)`)."""
+  r, g, n = packed.shape
+  flat = packed.swapaxes(0, 1).view()
+  try:
+    flat.shape = (g * r, n)  # the words transposed, [4G, N]
+  except AttributeError:  # not such a view: the plain way
+    copy_into(dst, packed)
+    return
+  t = _scratch_words(g * r * n, dst.dtype).reshape(g * r, n)
+  copy_into(t, flat)
+  np.copyto(dst, t.reshape(g, r, n).swapaxes(0, 1))
+
+
+def copy_packed_to_words(dst: np.ndarray, packed: np.ndarray) -> None:
+  """dst[N, 4G] (HF words) from packed [4, G, N]."""
+  r, g, n = packed.shape
+  t = _scratch_words(g * r * n, dst.dtype).reshape(g, r, n)
+  np.copyto(t, packed.swapaxes(0, 1))
+  copy_into(dst, t.reshape(g * r, n).T)

@@ -341,12 +341,15 @@ class ShardWriter:
   of them): `specs` (name, shape, dtype name) in the order `write` will be called, so every shard's
   header is known before its first byte. Shards split where the next tensor would pass `max_shard_bytes`
   (as `save_sharded`). Meant for a staging folder: a failure leaves partial files for the caller to
-  remove. `on_file(path)` is called as each shard is complete (e.g. to fsync it in the background)."""
+  remove. `on_file(path)` is called after every `on_file_bytes` written to a shard and as each shard
+  is complete (to fsync it in the background: its data goes to disk while the rest is written)."""
 
   def __init__(self, folder: str, specs: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int = 4 << 30,
-               on_file=None):
+               on_file=None, on_file_bytes: int = 256 << 20):
     self.folder = folder
     self.on_file = on_file
+    self.on_file_bytes = on_file_bytes
+    self.unreported = 0
     groups: list[list] = [[]]
     size = 0
     for name, shape, dt in specs:
@@ -380,6 +383,7 @@ class ShardWriter:
     if self.fd is not None:
       os.close(self.fd)
       self.fd = None
+      self.unreported = 0
       if self.on_file is not None:
         self.on_file(os.path.join(self.folder, self.names[self.shard]))
 
@@ -396,6 +400,10 @@ class ShardWriter:
                              f"({dt}, {shape})")
     _write_all(self.fd, a.reshape(-1).view(np.uint8))
     self.index += 1
+    self.unreported += a.nbytes
+    if self.on_file is not None and self.unreported >= self.on_file_bytes:
+      self.unreported = 0
+      self.on_file(os.path.join(self.folder, self.names[self.shard]))
 
   def close(self) -> None:
     """Ends the last shard and writes the index; every planned tensor must have been written."""

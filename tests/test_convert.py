@@ -94,6 +94,25 @@ def test_tiled_copy_into_place_equals_numpy(dtype, to):
     host_copy.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
 
 
+def test_int4_words_copied_between_hf_and_packed_layouts():
+  """HF words [out, in/8] <-> packed [4, in/32, out] through a 2-D transpose and a row copy, against
+  int4's own reshapes; a packed view that is not of HF words takes the plain copy."""
+  from k2jax import host_copy
+  rng = np.random.default_rng(3)
+  for n_out, groups in [(host_copy.TILE_ROWS + 3, 5), (40, 3 * host_copy.TILE_COLS + 2)]:
+    words = rng.integers(-2**31, 2**31 - 1, (n_out, 4 * groups), dtype=np.int32)
+    packed = int4.from_hf(words, np.zeros((n_out, groups), ml_dtypes.bfloat16), copy=False).packed
+    dst = np.empty(packed.shape, np.int32)
+    host_copy.copy_words_to_packed(dst, packed)
+    np.testing.assert_array_equal(dst, np.ascontiguousarray(packed))
+    back = np.empty_like(words)
+    host_copy.copy_packed_to_words(back, dst)
+    np.testing.assert_array_equal(back, words)
+    other = rng.integers(0, 9, (4, n_out, groups), dtype=np.int32).transpose(0, 2, 1)  # no HF words behind it
+    host_copy.copy_words_to_packed(dst, other)
+    np.testing.assert_array_equal(dst, other)
+
+
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2])
 def test_finite_check_by_bits_finds_every_nan_and_inf_and_passes_the_largest_values(dtype):
   from k2jax import safetensors_io

@@ -23,7 +23,7 @@ import numpy as np
 from k2jax import hf, int4
 from k2jax.config import ConfigError, K2Config
 from k2jax.convert import layout, reading
-from k2jax.host_copy import copy_into
+from k2jax.host_copy import copy_into, copy_packed_to_words
 from k2jax.safetensors_io import DTYPES, ShardWriter
 
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -86,9 +86,14 @@ def _quantizer(mode: str):
   return jax.jit(lambda w: int4.QuantizedWeight.quantize(w, mode))
 
 
-# One HF tensor of a leaf: (name, HF shape, dtype, value -> a view holding its elements in HF order,
-# shaped as is convenient to copy from: the INT4 words of W[in, out] as [out, in/32, 4]).
-Part = tuple[str, tuple[int, ...], np.dtype, Callable[[Any], np.ndarray]]
+# One HF tensor of a leaf: (name, HF shape, dtype, value -> the view it is copied from, copy(dst, view)
+# into the HF-shaped buffer): a view holding its elements in HF order for `_copy_view`, INT4 words
+# [4, in/32, out] for `copy_packed_to_words`.
+Part = tuple[str, tuple[int, ...], np.dtype, Callable[[Any], np.ndarray], Callable]
+
+
+def _copy_view(dst: np.ndarray, view: np.ndarray) -> None:
+  copy_into(dst.reshape(view.shape), view)
 
 
 def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None) -> list[Part]:
@@ -116,16 +121,17 @@ def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None) -
       # Per slice: the stored INT4 words [4, K/32, N] / scales [K/32, N], or those of the layer quantised.
       at = idx if stored_int4 else (0,) + idx[1:]
 
-      def words(v, at=at, layer=layer):  # HF words [out, in/8] = [N, K/32, 4] of packed [4, K/32, N]
-        return int4_of(v, layer).packed[at].transpose(2, 1, 0)
+      def words(v, at=at, layer=layer):  # packed [4, K/32, N], copied to HF words [N, K/8]
+        return int4_of(v, layer).packed[at]
 
       def scales(v, at=at, layer=layer):
         return int4_of(v, layer).scales[at].T
       parts += [
-          (f"{name}.weight_packed", (n_out, n_in // int4.PER_WORD), np.dtype(np.int32), words),
-          (f"{name}.weight_scale", (n_out, n_in // int4.GROUP), scale_dt, scales),
+          (f"{name}.weight_packed", (n_out, n_in // int4.PER_WORD), np.dtype(np.int32), words,
+           copy_packed_to_words),
+          (f"{name}.weight_scale", (n_out, n_in // int4.GROUP), scale_dt, scales, _copy_view),
           (f"{name}.weight_shape", (2,), np.dtype(np.int64),
-           lambda v, s=(n_out, n_in): np.array(s, np.int64)),
+           lambda v, s=(n_out, n_in): np.array(s, np.int64), _copy_view),
       ]
       continue
     dt = np.dtype(like.dtype) if leaf.spec.dtype is not None else bf16
@@ -136,9 +142,10 @@ def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None) -
       return v[idx] if idx else v
     if leaf.map.linear:
       parts.append((f"{name}.weight", tuple(leaf.hf_shape), dt,
-                    lambda v, dense=dense: dense(v).reshape(leaf.hf_shape[::-1]).T))
+                    lambda v, dense=dense: dense(v).reshape(leaf.hf_shape[::-1]).T, _copy_view))
     else:
-      parts.append((name, tuple(leaf.hf_shape), dt, lambda v, dense=dense: dense(v).reshape(leaf.hf_shape)))
+      parts.append((name, tuple(leaf.hf_shape), dt, lambda v, dense=dense: dense(v).reshape(leaf.hf_shape),
+                    _copy_view))
   return parts
 
 
@@ -188,8 +195,10 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
 
   Streams: Orbax restores the next leaves while this one's tensors are transposed (on a thread per
   core) into one of two host slabs, and a writer thread puts them into the shard files in order (their
-  headers are planned from shapes, so nothing is gathered), each shard fsynced in the background as it
-  is complete. Host memory: two restores of up to `RESTORE_BYTES` (or a leaf) plus the two slabs."""
+  headers are planned from shapes, so nothing is gathered), each shard fsynced in the background every
+  256 MB written and when it is complete (so little is left to sync at the end, and the page cache never
+  holds gigabytes of dirty data that would throttle the writes). Host memory: two restores of up to
+  `RESTORE_BYTES` (or a leaf) plus the two slabs."""
   if fmt not in FORMATS:
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
   from k2jax.train import checkpointing  # noqa: PLC0415
@@ -206,7 +215,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
       from k2jax.train.train_step import QAT_MODE  # noqa: PLC0415  (imports the model: only when needed)
       quantize = _quantizer(QAT_MODE)
     parts = {leaf.path: _leaf_parts(leaf, flat[leaf.path], fmt, quantize) for leaf in leaves}
-    specs = [(name, shape, _NAMES[dt]) for leaf in leaves for name, shape, dt, _ in parts[leaf.path]]
+    specs = [(name, shape, _NAMES[dt]) for leaf in leaves for name, shape, dt, *_ in parts[leaf.path]]
     side = layout.hf_files_dir(checkpoint)
     bar = layout.ByteBar(sum(sizes.values()), f"exporting ({fmt})", progress)
     written = {"bytes": 0, "tensors": 0}
@@ -231,7 +240,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
               pending = restorer.submit(restore, batches[i + 1])
             for leaf in batch:
               bar.leaf(leaf.path)
-              for name, shape, dt, view_of in parts[leaf.path]:
+              for name, shape, dt, view_of, copy in parts[leaf.path]:
                 src = view_of(values[leaf.path])
                 n = layout.Slabs.span(math.prod(shape) * dt.itemsize)
                 if not slabs.fits(n):  # the other slab's writes must be done before it is reused
@@ -239,8 +248,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
                     f.result()
                   writes[1 - slabs.current] = []
                   slabs.swap()
-                buf = slabs.empty(src.shape, dt)
-                copied = copiers.submit(copy_into, buf, src)  # `src` keeps its restored array alive
+                buf = slabs.empty(shape, dt)
+                copied = copiers.submit(copy, buf, src)  # `src` keeps its restored array alive
                 writes[slabs.current].append(writer.submit(_write_when_copied, shards, name, buf, copied))
                 written["bytes"] += buf.nbytes
                 written["tensors"] += 1

@@ -163,6 +163,7 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
     manager, _, meta, c = open_checkpoint(source)
     manager.close()
     stored = meta.get("expert_format", "dense")
+  from k2jax.convert.orbax_to_hf import RESTORE_BYTES, SLAB_BYTES  # noqa: PLC0415
   specs_out = hf_tensor_specs(c, "int4" if fmt == "k2_thinking" else "bf16")
   out_bytes = _by_dtype(specs_out)
   total_out = sum(out_bytes.values())
@@ -170,12 +171,15 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
   leaf_sizes = _leaf_sizes(specs_in)
   largest_leaf = max(leaf_sizes.items(), key=lambda kv: kv[1])
   shards = max(1, math.ceil(total_out / max_shard_bytes))
+  largest_tensor = max(DTYPES[dt].itemsize * math.prod(shape) for _, shape, dt in specs_out)
   plan = {
       "kind": "export", "source": os.path.abspath(source), "config": c.name, "format": fmt,
       "stored_experts": stored, "tensors_out": len(specs_out), "bytes_out": out_bytes,
       "largest_leaf": list(largest_leaf),
-      # One restored leaf plus the shard being assembled.
-      "peak_host_bytes": largest_leaf[1] + min(max_shard_bytes, total_out),
+      # The restore being transposed and the next one (each of a leaf, or leaves up to RESTORE_BYTES),
+      # plus the two slabs of tensors on their way to disk (a tensor larger than a slab on its own).
+      "peak_host_bytes": (2 * max(largest_leaf[1], RESTORE_BYTES) + 2 * SLAB_BYTES
+                          + (largest_tensor if largest_tensor > SLAB_BYTES else 0)),
       "layout": [f"{output_dir or 'OUT'}/model-000NN-of-{shards:05d}.safetensors  ({shards} shards of at most "
                  f"{max_shard_bytes / 2**30:.1f} GiB)", f"{output_dir or 'OUT'}/model.safetensors.index.json",
                  f"{output_dir or 'OUT'}/config.json" + (" (with quantization_config)" if fmt == "k2_thinking" else ""),

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from k2jax import hf, int4
-from k2jax.host_copy import copy_into
+from k2jax.host_copy import copy_into, copy_words_to_packed
 from k2jax.safetensors_io import DTYPES, Checkpoint
 
 
@@ -74,8 +74,8 @@ def read_leaf(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, empty: Ca
 
   def one(layer, expert) -> int:
     pos = tuple(i for i in (layer, expert) if i is not None)
-    for o, part in zip(outs, slice_views(leaf, ckpt, layer, expert, keep_int4)):
-      copy_into(o[pos], part)
+    for i, (o, part) in enumerate(zip(outs, slice_views(leaf, ckpt, layer, expert, keep_int4))):
+      (copy_words_to_packed if keep_int4 and i == 0 else copy_into)(o[pos], part)
     return sum(ckpt.nbytes(t) for t in hf.slice_tensor_names(leaf, ckpt, layer, expert))
 
   slices = list(leaf.slices())
