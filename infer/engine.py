@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax import model as model_lib
+from k2jax import model as model_lib, moe
 from k2jax.config import K2Config
 from k2jax.kernels import dispatch
 from k2jax.infer.sampling import SamplingParams, sample_with_logprob
@@ -107,12 +107,17 @@ class Engine:
 
   def _decode_params(self) -> dict:
     """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
-    weights on every token. Split once per parameter tree (`params` may be replaced, as RL does each step),
-    not once per `generate` call: an agent run calls `generate` at every step."""
+    weights on every token, and with the routed experts per expert (`moe.split_experts`), where each token
+    would copy its chosen experts' matrices out of the stacks. Split once per parameter tree (`params` may
+    be replaced, as RL does each step), not once per `generate` call: an agent run calls `generate` at
+    every step."""
     if not dispatch.unstack_layers_for_decode():
       return self.params
     if self._per_layer is None or self._per_layer[0] is not self.params:
-      self._per_layer = (self.params, model_lib.unstack_layers(self.params))
+      moe_layers = self.params.get("moe_layers", {})
+      split = (self.moe_impl == "ragged" and not isinstance(moe_layers, tuple) and "moe" in moe_layers
+               and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
+      self._per_layer = (self.params, _per_layer_params(self.params, split))
     return self._per_layer[1]
 
   def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
@@ -222,6 +227,15 @@ class Engine:
     stop = set(int(i) for i in stop_ids)
     reasons = ["stop" if toks and toks[-1] in stop else "length" for toks in out]
     return Generation(out, reasons, [len(p) for p in prompts], np.asarray(state.used_b).tolist(), out_logp)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _per_layer_params(params: dict, split_experts: bool) -> dict:
+  out = model_lib.unstack_layers(params)
+  if split_experts and "moe_layers" in out:
+    out["moe_layers"] = tuple({**p, "moe": {**p["moe"], "experts": moe.split_experts(p["moe"]["experts"])}}
+                              for p in out["moe_layers"])
+  return out
 
 
 @jax.tree_util.register_dataclass

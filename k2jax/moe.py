@@ -10,6 +10,7 @@ from k2jax.config import K2Config
 from k2jax import int4
 from k2jax.int4 import QuantizedWeight
 from k2jax.kernels import dispatch
+from k2jax.kernels.gmm_xla import num_experts
 from k2jax.layers import swiglu_mlp
 from k2jax.sharding import constrain
 
@@ -42,14 +43,6 @@ def route(x_td: jax.Array, router_de: jax.Array, bias_e: jax.Array, c: K2Config)
   return Routing(weights_tk, experts_tk.astype(jnp.int32), scores_te)
 
 
-def grouped_matmul(x_md: jax.Array, w_edf, group_sizes_e: jax.Array, out_dtype=None) -> jax.Array:
-  """Rows of `x` sorted by expert times that expert's matrix (dropless); `w` dense or INT4.
-
-  The backend picks the kernel: Pallas grouped matmuls on TPU/GPU, row blocks per expert in XLA on CPU.
-  """
-  return dispatch.grouped_matmul(x_md, w_edf, group_sizes_e, out_dtype=out_dtype)
-
-
 def dense_weight(w):
   """A routed-expert weight as a dense array (INT4 weights dequantised)."""
   return w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
@@ -58,21 +51,29 @@ def dense_weight(w):
 def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dtype=None) -> jax.Array:
   """SwiGLU of rows sorted by (local) expert; rows past sum(group_sizes) come out as zeros.
 
-  The one place the expert weights are used (the dense reference aside), through `grouped_matmul`, so
-  any weight format it accepts (dense or INT4) works here, on one device or expert-parallel.
+  The one place the expert weights are used (the dense reference aside), through the backend's grouped
+  matmuls (`dispatch.grouped_swiglu`), so any weight format they accept (dense, INT4, or per-expert tuples
+  from `split_experts`) works here, on one device or expert-parallel.
   `out_dtype` (default x's): fp32 for partial sums that are reduced afterwards (F split over devices).
   """
-  h_mf = (jax.nn.silu(grouped_matmul(x_md, experts["gate_edf"], group_sizes_e))
-          * grouped_matmul(x_md, experts["up_edf"], group_sizes_e))
-  y_md = grouped_matmul(h_mf, experts["down_efd"], group_sizes_e, out_dtype)
+  y_md = dispatch.grouped_swiglu(x_md, experts["gate_edf"], experts["up_edf"], experts["down_efd"], group_sizes_e,
+                                 out_dtype=out_dtype)
   valid_m = jnp.arange(x_md.shape[0]) < group_sizes_e.sum()
   return jnp.where(valid_m[:, None], y_md, jnp.zeros_like(y_md))
+
+
+def split_experts(experts: dict) -> dict:
+  """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays (decoding on CPU, where
+  `dispatch.split_experts_for_decode` says so: each product then reads its expert's matrix in place
+  instead of a copy sliced out of the stack). INT4 weights stay stacked."""
+  return {k: w if isinstance(w, QuantizedWeight) else tuple(w[e] for e in range(w.shape[0]))
+          for k, w in experts.items()}
 
 
 def routed_experts(x_td: jax.Array, r: Routing, experts: dict) -> jax.Array:
   """Dropless: sort the T*K (token, expert) pairs by expert, grouped matmuls, unsort, combine in fp32."""
   T, K = r.experts_tk.shape
-  E = experts["gate_edf"].shape[0]
+  E = num_experts(experts["gate_edf"])
   flat_e = r.experts_tk.reshape(-1)
   order = jnp.argsort(flat_e, stable=True)
   group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)

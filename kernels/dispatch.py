@@ -75,8 +75,7 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
   platform, impl = _resolve(backend, impl, interpret)
   group_sizes = group_sizes.astype(jnp.int32)
   if impl == "xla":
-    e, k, n = w.shape
-    if e * lhs_mk.shape[0] * k * n > RAGGED_MAX_MACS:
+    if _macs(lhs_mk, w) > RAGGED_MAX_MACS:
       return gmm_xla.gmm(lhs_mk, w, group_sizes, out_dtype=out_dtype)
     impl = "ragged"
   if isinstance(w, QuantizedWeight):
@@ -88,6 +87,41 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
     return gmm_ref(lhs_mk, w, group_sizes, out_dtype=out_dtype)
   return gmm(lhs_mk, w, group_sizes, tiling=_tiling(platform, "dense", tiling), out_dtype=out_dtype,
              platform=platform, interpret=interpret)
+
+
+def grouped_swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, backend: str | None = None, impl: str = "auto",
+                   out_dtype=None, interpret: Any = False):
+  """down_e(silu(x @ gate_e) * (x @ up_e)) for the rows of group e (sorted by expert); rows past the groups
+  are 0. On the plain-XLA path the three grouped matmuls run as one loop over experts (`gmm_xla.swiglu`:
+  one pass over each row block, each expert's matrices taken once); elsewhere as three `grouped_matmul`s.
+  Weights as for `grouped_matmul`, or (XLA path only) tuples of per-expert [K, N] arrays (`split_experts`).
+  """
+  platform, impl = _resolve(backend, impl, interpret)
+  if isinstance(w_gate, tuple) or (impl == "xla" and _macs(x_md, w_gate) > RAGGED_MAX_MACS):
+    return gmm_xla.swiglu(x_md, w_gate, w_up, w_down, group_sizes, out_dtype=out_dtype)
+  mm = lambda x, w, dt=None: grouped_matmul(x, w, group_sizes, backend=backend, impl=impl, out_dtype=dt,
+                                            interpret=interpret)
+  return mm(jax.nn.silu(mm(x_md, w_gate)) * mm(x_md, w_up), w_down, out_dtype)
+
+
+def _macs(x_mk, w) -> int:
+  e, k, n = w.shape
+  return e * x_mk.shape[0] * k * n
+
+
+# One expert matrix from this many elements up is worth its own buffer for decoding on CPU (see below).
+SPLIT_EXPERT_MIN_ELEMENTS = 1 << 14
+
+
+def split_experts_for_decode(w, backend: str | None = None) -> bool:
+  """Whether decoding keeps routed-expert stacks like `w` ([..., E, K, N]) as tuples of per-expert arrays
+  (`moe.split_experts`).
+
+  XLA:CPU copies w[e] out of the [E, K, N] stack before each product; at decode sizes the copy costs as
+  much as the product (the product reads the matrix once). Tiny experts stay stacked (ragged_dot's path).
+  """
+  return (_platform(backend) == "cpu" and not isinstance(w, (QuantizedWeight, tuple))
+          and w.shape[-2] * w.shape[-1] >= SPLIT_EXPERT_MIN_ELEMENTS)
 
 
 # The TPU flash kernels keep one head's whole keys and values (forward, dQ) in VMEM, double-buffered.

@@ -179,3 +179,91 @@ def gmm(lhs_mk, w_ekn, group_sizes, *, block: int | None = None, out_dtype=None)
   block = block or block_rows(m, num_groups)
   out_dtype = jnp.dtype(out_dtype or lhs_mk.dtype)
   return _gmm_jit(lhs_mk, w_ekn, group_sizes.astype(jnp.int32), block, out_dtype)
+
+
+def num_experts(w) -> int:
+  """Experts in a routed-expert weight: a stack [E, K, N] (dense or INT4) or a tuple of E [K, N] arrays."""
+  return len(w) if isinstance(w, tuple) else w.shape[0]
+
+
+def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
+  """down(silu(x @ gate) * (x @ up)) per expert in one loop: each expert's three matrices are taken once
+  and each row block goes through all three products while it is in cache. Same products and roundings
+  as three `_gmm_loop`s (gate and up outputs in x's dtype, as `gmm` returns them).
+
+  `ws` (gate, up, down): stacks, sliced per expert (a copy of each matrix), or tuples of per-expert arrays,
+  picked by a switch so that each product reads its matrix in place (decode, where the copies cost as
+  much as the products)."""
+  m = x_md.shape[0]
+  n = ws[2][0].shape[-1] if isinstance(ws[2], tuple) else ws[2].shape[-1]
+  cdt = _compute_dtype(x_md.dtype)
+  starts, ends, nz_ids, n_nz = _bounds(group_sizes)
+  lhs = _pad_rows(x_md, block)
+
+  def rows(start, end, w_gate, w_up, w_down, out):
+    def row_block(j, out):
+      row0 = start + j * block
+      x = lax.dynamic_slice_in_dim(lhs, row0, block).astype(cdt)
+      gate, up = (jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x_md.dtype) for w in (w_gate, w_up))
+      h = (jax.nn.silu(gate) * up).astype(cdt)
+      y = jnp.dot(h, w_down, preferred_element_type=jnp.float32)
+      return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
+
+    return lax.fori_loop(0, (end - start + block - 1) // block, row_block, out)
+
+  if isinstance(ws[0], tuple):
+    branches = [lambda s, t, out, e=e: rows(s, t, *(w[e].astype(cdt) for w in ws), out) for e in range(len(ws[0]))]
+    expert = lambda r, out: lax.switch(nz_ids[r], branches, starts[nz_ids[r]], ends[nz_ids[r]], out)
+  else:
+    def expert(r, out):
+      e = nz_ids[r]
+      return rows(starts[e], ends[e], *(_expert_weight(w, e, x_md.dtype, cdt) for w in ws), out)
+
+  out0 = _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, ws, group_sizes)
+  out = lax.fori_loop(0, n_nz, expert, out0)
+  valid = jnp.arange(m) < ends[-1]
+  return jnp.where(valid[:, None], out[:m], jnp.zeros((), out_dtype))
+
+
+def _swiglu_unfused(x_md, ws, group_sizes, block, out_dtype):
+  """The same as three grouped matmuls (what the gradient is taken through)."""
+  gate, up, down = (jnp.stack(w) if isinstance(w, tuple) else w for w in ws)
+  h_mf = (jax.nn.silu(_gmm(x_md, gate, group_sizes, block, x_md.dtype))
+          * _gmm(x_md, up, group_sizes, block, x_md.dtype))
+  return _gmm(h_mf, down, group_sizes, block, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _swiglu(x_md, ws, group_sizes, block, out_dtype):
+  return _swiglu_loop(x_md, ws, group_sizes, block, out_dtype)
+
+
+def _swiglu_fwd(x_md, ws, group_sizes, block, out_dtype):
+  # Differentiated, the forward runs as the three grouped matmuls, whose custom VJPs give the gradients
+  # (the fused loop would have to keep gate, up and h per block for the backward anyway).
+  out, vjp = jax.vjp(lambda x, ws: _swiglu_unfused(x, ws, group_sizes, block, out_dtype), x_md, ws)
+  return out, vjp
+
+
+def _swiglu_bwd(block, out_dtype, vjp, dout):
+  return (*vjp(dout), None)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu_jit = jax.jit(_swiglu, static_argnums=(3, 4))
+
+
+def swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, block: int | None = None, out_dtype=None):
+  """out[M, D]: down_e(silu(x @ gate_e) * (x @ up_e)) for the rows of group e (sorted by expert); rows past
+  the groups are 0. Weights: dense stacks [E, K, N], QuantizedWeights, or tuples of E dense [K, N] arrays.
+  Equal to `gmm` three times (the gradient is taken through exactly that), in one loop over experts."""
+  m, k = x_md.shape
+  num_groups = num_experts(w_gate)
+  if group_sizes.shape != (num_groups,):
+    raise ValueError(f"group_sizes {group_sizes.shape} does not match {num_groups} experts")
+  kinds = {isinstance(w, tuple) for w in (w_gate, w_up, w_down)}
+  if len(kinds) > 1:
+    raise ValueError("gate, up and down must all be stacks or all be tuples of per-expert arrays")
+  block = block or block_rows(m, num_groups)
+  out_dtype = jnp.dtype(out_dtype or x_md.dtype)
+  return _swiglu_jit(x_md, (w_gate, w_up, w_down), group_sizes.astype(jnp.int32), block, out_dtype)

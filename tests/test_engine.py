@@ -117,6 +117,19 @@ def test_engine_with_int4_experts_matches_plain_forward():
   np.testing.assert_array_equal(full[len(prompt) - 1:-1].argmax(-1), gen.tokens[0])
 
 
+def test_decode_weights_are_per_expert_where_experts_are_large(monkeypatch):
+  """On CPU the engine decodes over per-expert weight tuples (read in place) where experts are large
+  (the values are tested in test_model's `test_unstacked_layers_equal_scanned_stack`)."""
+  from k2jax.kernels import dispatch
+  c = presets.TINY
+  p = params.init_params(c, jax.random.key(6))
+  for split in (False, True):
+    monkeypatch.setattr(dispatch, "SPLIT_EXPERT_MIN_ELEMENTS", 1 if split else 1 << 40)
+    experts = Engine(p, c, max_len=32)._decode_params()["moe_layers"][0]["moe"]["experts"]
+    assert all(isinstance(w, tuple) == split for w in experts.values())
+    assert not split or len(experts["down_efd"]) == c.n_routed_experts
+
+
 def test_bucketing_never_rejects_a_prompt_that_fits():
   c = presets.TINY
   p = params.init_params(c, jax.random.key(6))

@@ -123,6 +123,51 @@ def test_inside_shard_map_with_grads(data):
     assert rel(a, b) < 1e-6
 
 
+def ref_swiglu(x, gate, up, down, sizes):
+  h = 1 / (1 + np.exp(-ref_gmm(x, gate, sizes))) * ref_gmm(x, gate, sizes) * ref_gmm(x, up, sizes)
+  return ref_gmm(h, down, sizes)
+
+
+def test_swiglu_one_loop_equals_three_grouped_matmuls():
+  """The fused loop (stacks, per-expert tuples, INT4): same values as three `gmm`s, float64 close, and the
+  gradients are exactly those of the three `gmm`s."""
+  rng = np.random.default_rng(1)
+  f = 64
+  x = rng.standard_normal((M, K))
+  ws = [rng.standard_normal(s) / np.sqrt(s[1]) for s in ((8, K, f), (8, K, f), (8, f, K))]
+  sizes = jnp.asarray(SIZES, jnp.int32)
+  xj, wj = jnp.asarray(x, jnp.float32), [jnp.asarray(w, jnp.float32) for w in ws]
+  three = lambda x, g, u, d: gmm_xla.gmm(jax.nn.silu(gmm_xla.gmm(x, g, sizes, block=16)) * gmm_xla.gmm(x, u, sizes, block=16),
+                                         d, sizes, block=16)
+  fused = lambda x, g, u, d: gmm_xla.swiglu(x, g, u, d, sizes, block=16)
+  out = fused(xj, *wj)
+  assert rel(out, ref_swiglu(x, *ws, SIZES)) < 1e-6
+  np.testing.assert_array_equal(out, three(xj, *wj))
+  np.testing.assert_array_equal(gmm_xla.swiglu(xj, *(tuple(w) for w in wj), sizes, block=16), out)
+  assert not np.asarray(out[sum(SIZES):]).any()
+  loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), (0, 1, 2, 3)))
+  for a, b in zip(loss(fused)(xj, *wj), loss(three)(xj, *wj)):
+    np.testing.assert_array_equal(a, b)
+  q = [QuantizedWeight.quantize(w) for w in wj]
+  xb = xj.astype(jnp.bfloat16)
+  got = gmm_xla.swiglu(xb, *q, sizes)
+  want = ref_swiglu(np.asarray(xb, np.float64), *(np.asarray(w.dequantize(jnp.bfloat16), np.float64) for w in q), SIZES)
+  assert got.dtype == jnp.bfloat16 and rel(got, want) < 1e-2
+  with pytest.raises(ValueError, match="all be stacks or all be tuples"):
+    gmm_xla.swiglu(xj, tuple(wj[0]), *wj[1:], sizes)
+
+
+def test_dispatch_swiglu_routes_like_grouped_matmul():
+  s = jax.ShapeDtypeStruct
+  jaxpr = lambda m, e: str(jax.make_jaxpr(lambda x, g, u, d, n: dispatch.grouped_swiglu(x, g, u, d, n))(
+      s((m, 512), jnp.float32), s((e, 512, 256), jnp.float32), s((e, 512, 256), jnp.float32),
+      s((e, 256, 512), jnp.float32), s((e,), jnp.int32)))
+  assert "custom_vjp" in jaxpr(4096, 32) and "ragged_dot" in jaxpr(8, 2)
+  assert dispatch.split_experts_for_decode(jnp.zeros((4, 512, 256)), "cpu")
+  assert not dispatch.split_experts_for_decode(jnp.zeros((4, 64, 32)), "cpu")
+  assert not dispatch.split_experts_for_decode(jnp.zeros((4, 512, 256)), "tpu")
+
+
 def test_full_size_shapes_are_static():
   s = jax.ShapeDtypeStruct
   m, e, d, f = 8192, 384, 7168, 2048  # K2: 384 experts, 7168 -> 2048

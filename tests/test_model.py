@@ -113,11 +113,16 @@ def test_unstacked_layers_equal_scanned_stack():
   toks = np.random.default_rng(5).integers(0, c.vocab_size, (2, 7))
   cache = model_lib.init_cache(c, 2, 12, jnp.float32)
   f = jax.jit(lambda p, cache: model_lib.forward(p, c, toks, cache=cache))
-  a, b = f(p, cache), f(model_lib.unstack_layers(p), cache)
-  assert rel_err(b.logits, a.logits) <= 1e-6
-  assert rel_err(b.max_attn_logits["moe_layers"], a.max_attn_logits["moe_layers"]) <= 1e-6
-  np.testing.assert_array_equal(b.expert_load, a.expert_load)
-  assert rel_err(b.cache.c_kv["moe_layers"], a.cache.c_kv["moe_layers"]) <= 1e-6
+  per_layer = model_lib.unstack_layers(p)
+  # The routed experts as tuples of per-expert arrays too (the engine's decode weights on CPU).
+  per_expert = dict(per_layer, moe_layers=tuple({**l, "moe": {**l["moe"], "experts": moe.split_experts(
+      l["moe"]["experts"])}} for l in per_layer["moe_layers"]))
+  a = f(p, cache)
+  for b in (f(per_layer, cache), f(per_expert, cache)):
+    assert rel_err(b.logits, a.logits) <= 1e-6
+    assert rel_err(b.max_attn_logits["moe_layers"], a.max_attn_logits["moe_layers"]) <= 1e-6
+    np.testing.assert_array_equal(b.expert_load, a.expert_load)
+    assert rel_err(b.cache.c_kv["moe_layers"], a.cache.c_kv["moe_layers"]) <= 1e-6
   assert float(jnp.abs(a.cache.c_kv["moe_layers"][:, :, :7]).min()) > 0  # the cache was written
 
 
