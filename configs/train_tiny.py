@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.stop_after_steps = 0       # > 0: stop early (the schedule still spans num_steps)
   cfg.micro_batches = 1          # gradient accumulation: batch_size is split into this many
   cfg.remat = "none"             # none | full | dots
+  cfg.layer_loop = "auto"        # auto (unrolled on CPU, up to 16 layers a stack) | scan | unroll
   cfg.moe_impl = "auto"          # auto (expert-parallel on a mesh with expert > 1) | ragged | ep | ep_a2a
   cfg.qat = False                # INT4 fake quantisation of routed experts inside the loss
   cfg.qk_clip_tau = 100.0        # 0 disables QK-Clip

@@ -85,11 +85,13 @@ def _layer(c: K2Config, is_moe: bool, moe_impl: str, fake_quant: str | None, aux
 
 
 def _run_stack(c: K2Config, stack: dict | tuple, is_moe: bool, h_btd, stack_cache, ctx, moe_impl: str, remat: str,
-               fake_quant: str | None = None, aux_alpha: float = 0.0, attn_impl: str = "flash"):
+               fake_quant: str | None = None, aux_alpha: float = 0.0, attn_impl: str = "flash",
+               unroll: bool = False):
   """Runs the layers of one stack; `stack_cache` is (c_kv [L,B,S,C], k_pe [L,B,S,P]) or None.
 
-  A stack of [L, ...] leaves runs as a `lax.scan` (one compiled layer); a tuple of per-layer trees
-  (`unstack_layers`) as a Python loop over the same layer function. Outputs are stacked [L, ...] either way.
+  A stack of [L, ...] leaves runs as a `lax.scan` (one compiled layer; `unroll`: the scan fully unrolled,
+  see `forward`); a tuple of per-layer trees (`unstack_layers`) as a Python loop over the same layer
+  function. Outputs are stacked [L, ...] either way.
   The cache stack rides in the scan's carry and each layer updates and reads its own rows of it in
   place: passing it as scanned input/output would copy every layer's whole [B, S, .] cache each step.
   """
@@ -108,7 +110,7 @@ def _run_stack(c: K2Config, stack: dict | tuple, is_moe: bool, h_btd, stack_cach
       h, (max_logit_n, load_e, aux, _) = body(h, p, None, *ctx)
       return h, (max_logit_n, load_e, aux)
 
-    h_btd, ys = jax.lax.scan(step, h_btd, stack)
+    h_btd, ys = jax.lax.scan(step, h_btd, stack, unroll=bool(unroll))
     return h_btd, (*ys, None)
 
   def cached_step(carry, xs):
@@ -142,7 +144,8 @@ def unstack_layers(params: dict) -> dict:
 def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: jax.Array | None = None,
             segment_ids_bt: jax.Array | None = None, cache: Cache | None = None, moe_impl: str = "ragged",
             remat: str = "none", expert_fake_quant: str | None = None, aux_loss_alpha: float = 0.0,
-            logits_at_b: jax.Array | None = None, return_hidden: bool = False, attn_impl: str = "flash") -> Output:
+            logits_at_b: jax.Array | None = None, return_hidden: bool = False, attn_impl: str = "flash",
+            unroll_layers: bool = False) -> Output:
   """The model: int tokens [B, T] -> Output with fp32 logits [B, T, V].
 
   `segment_ids_bt`: 0 marks padding; tokens attend only within their own segment (packed sequences).
@@ -158,6 +161,9 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   last prompt token's, and the head over the whole prompt would cost T x vocab).
   `attn_impl`: "flash" (blockwise, the default: Pallas kernels on TPU/GPU, XLA's loop on CPU), "pallas"
   (the kernels forced, interpreted on a CPU host) or "plain" (full score matrix; the reference).
+  `unroll_layers`: the layer scan (without a cache) fully unrolled; same result. On XLA:CPU a scan's
+  backward zero-fills [L, ...] buffers for every stacked residual and gradient and copies each layer's
+  weights out of the stacks; unrolled, neither happens (`dispatch.unroll_layers_for_train`).
   """
   tokens_bt = jnp.asarray(tokens_bt, jnp.int32)
   B, T = tokens_bt.shape
@@ -187,7 +193,7 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
     stack_cache = None if cache is None else (cache.c_kv[name], cache.k_pe[name])
     h_btd, (max_logits[name], stack_load, stack_aux, stack_cache) = _run_stack(
         c, params[name], is_moe, h_btd, stack_cache, ctx, moe_impl, remat, expert_fake_quant, aux_loss_alpha,
-        attn_impl)
+        attn_impl, unroll_layers)
     if is_moe:
       load, aux_loss = stack_load, stack_aux.sum()
     if cache is not None:

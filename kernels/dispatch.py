@@ -159,6 +159,21 @@ def unstack_layers_for_decode(backend: str | None = None) -> bool:
   return _platform(backend) == "cpu"
 
 
+# Stacks up to this many layers train unrolled on CPU (compile time grows with the layer count).
+UNROLL_TRAIN_MAX_LAYERS = 16
+
+
+def unroll_layers_for_train(num_layers: int, backend: str | None = None) -> bool:
+  """Whether the training forward + backward unrolls the layer scan (`forward(unroll_layers=True)`).
+
+  On XLA:CPU the scanned backward zero-fills an [L, ...] buffer for each stacked residual and gradient
+  and copies every layer's weights out of the stacks, ~20% of the small benchmark width's step; the
+  unrolled layers read their weights in place. Elsewhere, and for deep stacks (K2's 60 MoE layers), the
+  scan stays: it compiles one layer.
+  """
+  return _platform(backend) == "cpu" and num_layers <= UNROLL_TRAIN_MAX_LAYERS
+
+
 def matmul(x, w, *, backend: str | None = None, impl: str = "auto", tiling: Tiling | None = None,
            out_dtype=None, interpret: Any = False):
   """x[.., K] @ w[K, N] for a dense array or a 2-D QuantizedWeight (leading axes of x are flattened)."""

@@ -80,11 +80,13 @@ def test_grad_accumulation_matches_big_batch(setup):
   assert num / den <= 1e-5, num / den
 
 
-def test_loss_is_log_softmax_of_the_models_logits(setup):
-  """The step's 2-D head + logsumexp loss equals log_softmax over `forward`'s [B, T, V] logits, value and
-  gradient (same fp32 products: to rounding)."""
-  _, c, params, ds = setup
-  batch = data.PackedDataset(ds.docs, 4, 64, seed=5).next_batch()
+def test_loss_is_log_softmax_of_the_models_logits():
+  """The step's 2-D head + logsumexp loss over unrolled layers (`layer_loop="unroll"`, the CPU default)
+  equals log_softmax over `forward`'s [B, T, V] logits from the scanned stack, value and gradient (same
+  fp32 products: to rounding)."""
+  c = presets.from_config_dict(small_config(**{"model.num_hidden_layers": 3}).model)  # 2 MoE layers
+  params = params_lib.init_params(c, jax.random.key(7))
+  batch = data.PackedDataset(data.load_split("synthetic", "train"), 4, 64, seed=5).next_batch()
 
   def plain(p):
     logp = jax.nn.log_softmax(model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"]).logits, -1)
@@ -92,11 +94,21 @@ def test_loss_is_log_softmax_of_the_models_logits(setup):
     return jnp.sum(nll * batch["weights"])
 
   ref, g_ref = jax.jit(jax.value_and_grad(plain))(params)
-  got, g = jax.jit(jax.value_and_grad(lambda p: ts.loss_sums(p, c, batch)[0]))(params)
+  got, g = jax.jit(jax.value_and_grad(lambda p: ts.loss_sums(p, c, batch, layer_loop="unroll")[0]))(params)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
   assert float(jnp.abs(g["lm_head_dv"]).max()) > 0
+  assert float(jnp.abs(g["moe_layers"]["moe"]["experts"]["gate_edf"][1]).max()) > 0  # the last scanned layer
+
+
+def test_layer_loop_choice():
+  from k2jax.kernels import dispatch  # noqa: PLC0415
+  assert dispatch.unroll_layers_for_train(3, "cpu") and not dispatch.unroll_layers_for_train(3, "tpu")
+  assert not dispatch.unroll_layers_for_train(60, "cpu")  # K2's 60 MoE layers compile as one scanned layer
+  assert ts.unroll_layers(presets.TINY, "unroll") and not ts.unroll_layers(presets.TINY, "scan")
+  with pytest.raises(ValueError, match="layer_loop must be one of"):
+    ts.unroll_layers(presets.TINY, "loop")
 
 
 def test_qat_uses_fake_quantised_experts(setup):

@@ -16,6 +16,7 @@ import optax
 
 from k2jax import model, moe, params as params_lib, sharding
 from k2jax.config import K2Config
+from k2jax.kernels import dispatch
 from k2jax.train import qk_clip as qk_clip_lib
 from k2jax.train import schedules
 from k2jax.train.muonclip import muonclip
@@ -74,16 +75,31 @@ def token_nll(hidden_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array) 
   return (jax.nn.logsumexp(logits_mv, axis=-1) - target_m).reshape(B, T)
 
 
+LAYER_LOOPS = ("auto", "scan", "unroll")
+
+
+def unroll_layers(c: K2Config, layer_loop: str = "auto") -> bool:
+  """`forward`'s unroll_layers for a run's `layer_loop`: "scan", "unroll", or "auto" (the backend decides,
+  `dispatch.unroll_layers_for_train`)."""
+  if layer_loop not in LAYER_LOOPS:
+    raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+  if layer_loop == "auto":
+    return dispatch.unroll_layers_for_train(max(c.num_dense_layers, c.num_moe_layers))
+  return layer_loop == "unroll"
+
+
 def loss_sums(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
-              remat: str = "none", aux_loss_alpha: float = 0.0, moe_impl: str = "ragged"):
+              remat: str = "none", aux_loss_alpha: float = 0.0, moe_impl: str = "ragged",
+              layer_loop: str = "auto"):
   """(sum_t w_t nll_t, (sum_t w_t, max_attn_logits, expert_load)) for one (micro-)batch, fp32.
 
   With `aux_loss_alpha` > 0 the sequence-wise balance loss is added, weighted by the batch's token
-  weight so that the mean over (micro-)batches stays exact.
+  weight so that the mean over (micro-)batches stays exact. `layer_loop`: see `unroll_layers`.
   """
   p = compute_params(params, compute_dtype, qat)
   out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat,
-                      aux_loss_alpha=aux_loss_alpha, moe_impl=moe_impl, return_hidden=True)
+                      aux_loss_alpha=aux_loss_alpha, moe_impl=moe_impl, return_hidden=True,
+                      unroll_layers=unroll_layers(c, layer_loop))
   nll_bt = token_nll(out.hidden, p["lm_head_dv"], batch["targets"])  # out.logits goes unused (DCE'd)
   w_bt = batch["weights"].astype(jnp.float32)
   w_sum = jnp.sum(w_bt)
@@ -136,7 +152,8 @@ def train_step(state: TrainState, batch: dict, *, c: K2Config, cfg: ml_collectio
   """Loss and grads -> MuonClip update -> QK-Clip on the new weights -> router-bias sign update."""
   loss, grads, max_logits, load, n_tokens = loss_and_grads(
       state.params, c, batch, num_micro=cfg.micro_batches, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype),
-      qat=cfg.qat, remat=cfg.remat, aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0), moe_impl=moe_impl_of(cfg))
+      qat=cfg.qat, remat=cfg.remat, aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0), moe_impl=moe_impl_of(cfg),
+      layer_loop=cfg.get("layer_loop", "auto"))
   state, metrics = apply_grads(state, grads, max_logits, load, c=c, cfg=cfg, tx=tx, schedule=schedule)
   return state, {"loss": loss, "tokens": n_tokens, **metrics}
 
@@ -175,7 +192,7 @@ def make_eval_step(c: K2Config, cfg: ml_collections.ConfigDict):
 
   def f(params, batch):
     nll_sum, (w_sum, _, _) = loss_sums(params, c, batch, compute_dtype=params_lib.dtype_from_name(cfg.compute_dtype),
-                                       qat=cfg.qat, moe_impl=moe_impl_of(cfg))
+                                       qat=cfg.qat, moe_impl=moe_impl_of(cfg), layer_loop=cfg.get("layer_loop", "auto"))
     return nll_sum, w_sum
 
   return jax.jit(f)

@@ -145,8 +145,8 @@ def _init_params(cfg, c, mesh):
 
 # The fields the jitted steps depend on; runs that agree on them share compiled steps in one process
 # (a restart after stop_after_steps does not compile again).
-_STEP_FIELDS = ("model", "optimizer", "num_steps", "micro_batches", "remat", "qat", "compute_dtype",
-                "qk_clip_tau", "router_bias_u", "moe_impl")
+_STEP_FIELDS = ("model", "optimizer", "num_steps", "micro_batches", "remat", "layer_loop", "qat",
+                "compute_dtype", "qk_clip_tau", "router_bias_u", "moe_impl")
 _STEP_CACHE: dict[tuple, tuple] = {}
 
 
