@@ -182,7 +182,8 @@ def main(argv):
       print(f"baseline export: {s:.1f} s = {size / s / 1e9:.2f} GB/s = {cp_m / s:.0%} of cp (one run; "
             f"{inner:.1f} s after start-up)")
     peak = max(rss)
-    print(f"peak RSS (convert, export) {peak / 1e9:.2f} GB (a process that only imports JAX + orbax: {baseline / 1e9:.2f} GB); "
+    print(f"peak RSS (convert, export) {peak / 1e9:.2f} GB (a process that only imports JAX + orbax: "
+          f"{baseline / 1e9:.2f} GB); "
           f"largest shard {max(shards) / 1e9:.3f} GB, largest leaf {leaf[1] / 1e9:.3f} GB; "
           f"target 2 x leaf + 1 GB = {(2 * leaf[1] + 1e9) / 1e9:.2f} GB")
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
