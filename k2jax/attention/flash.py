@@ -236,9 +236,27 @@ def flash_attention(q_parts, k_parts, v, mask: Mask, scale: float, *, block_q: i
 
 def reference_attention(q_parts, k_parts, v, mask: Mask, scale: float) -> tuple[jax.Array, jax.Array]:
   """The plain path: full [B, N, T, S] fp32 scores (the reference the blockwise paths are tested against)."""
+  if v.ndim == 3 and all(k.ndim == 3 for k in k_parts):
+    return _shared_kv_attention(q_parts, k_parts, v, mask, scale)
   s = _scores(tuple(q_parts), tuple(k_parts)) * scale
   keep = mask.dense(v.shape[1])[:, None]
   logits = jnp.where(keep, s, NEG_INF)
   max_logit_n = jax.lax.stop_gradient(jnp.max(logits, axis=(0, 2, 3)))
   probs = jax.nn.softmax(logits, axis=-1)
   return _pv(probs, v).astype(v.dtype), max_logit_n
+
+
+def _shared_kv_attention(q_parts, k_parts, v, mask: Mask, scale: float) -> tuple[jax.Array, jax.Array]:
+  """`reference_attention` for one key/value shared by every head (the absorbed latent cache), with the
+  scores laid out [B, T, N, S]: both products are then one matmul per sequence with the heads folded into
+  the rows ([T*N, d] @ [d, S], [T*N, S] @ [S, Dv]), no transposed copies; XLA:CPU ran the [B, N, T, S]
+  layout's per-head products several times slower. Same products, same softmax."""
+  s = 0.0
+  for q, k in zip(q_parts, k_parts):
+    s = s + jnp.einsum("btnd,bsd->btns", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+  keep = mask.dense(v.shape[1])[:, :, None]
+  logits = jnp.where(keep, s * scale, NEG_INF)
+  max_logit_n = jax.lax.stop_gradient(jnp.max(logits, axis=(0, 1, 3)))
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("btns,bsh->btnh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), max_logit_n
