@@ -56,6 +56,18 @@ def test_forward_and_grads_match_float64(data, block):
   assert not np.asarray(dw)[[e for e, s in enumerate(SIZES) if s == 0]].any()
 
 
+@pytest.mark.parametrize("capacity", [8, 64])
+def test_tgmm_batched_part_and_overflow_blocks(data, capacity):
+  """dW with every group inside the batched product (capacity 64) and with nearly all rows in the masked
+  overflow blocks (8); the default capacity (the mean group) is covered by the tests around."""
+  x, _, dout = data
+  f = jax.jit(lambda x, d, s: gmm_xla.tgmm(x, d, s, block=16, capacity=capacity))
+  for sizes in (SIZES, [0, 0, 0, 0, 0, 0, 0, M], [12] * 8):
+    dw = f(jnp.asarray(x, jnp.float32), jnp.asarray(dout, jnp.float32), jnp.asarray(sizes, jnp.int32))
+    assert rel(dw, ref_dw(x, dout, sizes)) < 1e-6
+    assert not np.asarray(dw)[[e for e, s in enumerate(sizes) if s == 0]].any()
+
+
 def test_edge_splits(data):
   x, w, _ = data
   xj, wj = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
