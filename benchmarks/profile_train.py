@@ -1,16 +1,24 @@
 """Where k2jax's train step spends its CPU time at a given width: each component jitted and timed alone.
 
-  python -m benchmarks.profile_train --width=small [--batch=8 --reps=3]
+  python -m benchmarks.profile_train --width=small [--batch=8 --reps=3] [--trace]
 
 Forward, and forward + backward (gradients of params and input), of one layer's attention (the per-head
 training path), the MoE layer, the dense MLP, and the vocab head + loss, times the layer counts; the whole
 `loss_and_grads`; the optimizer update alone (MuonClip with Newton-Schulz in fp32 and in bf16, and AdamW on
 every leaf); and the matmul rates that bound Newton-Schulz (one 2-D product and a batched one, fp32 and
 bf16 with fp32 accumulation). Batch x 128 tokens, fp32, widths as in `benchmarks/widths.py`.
+`--trace`: also where the whole `loss_and_grads` spends its time op by op (a `jax.profiler` trace; each
+XLA op's self time, grouped by op kind, ops inside the grouped-matmul loops apart).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +47,47 @@ def _matmul_rates(reps: int) -> list[tuple[str, float]]:
   return rows
 
 
+def op_self_times(fn, *args, reps: int) -> collections.Counter:
+  """ms per call of each XLA op kind inside `fn` (self time: nested ops subtracted), from a profiler trace.
+  Kinds are op names without their numeric suffix ("fusion.12" -> "fusion"), prefixed "gmm:" for ops in
+  the grouped-matmul loops (`kernels/gmm_xla.py`), found through the compiled HLO's op_name metadata."""
+  hlo = fn.lower(*args).compile().as_text()
+  source = dict(re.findall(r"%(\S+) = [^\n]*?op_name=\"([^\"]*)\"", hlo))
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+    trace = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))
+  by_thread = collections.defaultdict(list)
+  for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+    if e.get("ph") == "X":
+      by_thread[(e["pid"], e["tid"])].append(e)
+  self_us = collections.Counter()
+  for events in by_thread.values():
+    events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+    stack = []
+    for e in events:
+      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+        stack.pop()
+      if stack:
+        self_us[stack[-1]["name"]] -= e["dur"]
+      self_us[e["name"]] += e["dur"]
+      stack.append(e)
+  kinds = collections.Counter()
+  for name, us in self_us.items():
+    if name in source:  # XLA ops only (not the runtime's own events)
+      kind = re.sub(r"\.\d+$", "", name)
+      kinds[("gmm:" if re.search(r"_gmm|_swiglu", source[name]) else "") + kind] += us / 1e3 / reps
+  return kinds
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--width", default="small")
   ap.add_argument("--batch", type=int, default=8, help=f"sequences of {TRAIN_SEQ} tokens")
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--trace", action="store_true", help="also the op-by-op self times of loss_and_grads")
   args = ap.parse_args()
   c = width_config(args.width)
   p = params_lib.init_params(c, jax.random.key(0))
@@ -74,6 +118,12 @@ def main():
   batch = _train_batches(1, B)[0]
   lg = jax.jit(lambda pp, b: ts.loss_and_grads(pp, c, b)[:2])
   print(f"| whole loss_and_grads | | {median_ms(lg, p, batch, reps=args.reps):.0f} |", flush=True)
+  if args.trace:
+    kinds = op_self_times(lg, p, batch, reps=args.reps)
+    print(f"\nloss_and_grads op by op (self time, all ops {sum(kinds.values()):.0f} ms)\n| op kind | ms |\n|---|---:|")
+    for kind, ms in kinds.most_common(25):
+      print(f"| {kind} | {ms:.1f} |", flush=True)
+    print()
   grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), p)
   for name, matrices, ns_dtype in (("MuonClip, NS fp32", "muon", "float32"), ("MuonClip, NS bf16", "muon", "bfloat16"),
                                    ("AdamW on every leaf", "adamw", "float32")):
