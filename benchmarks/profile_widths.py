@@ -4,7 +4,8 @@
 
 Prefill (batch 8 x 128 tokens into an empty cache) and one decode step (batch 8, cache of 208): per-layer
 attention (absorbed, over the cache), the MoE layer (router, routed experts, shared expert) and the dense
-MLP, times the layer counts; the vocab head (+ greedy sampling when decoding); and the engine's own
+MLP, times the layer counts (decoding reads the routed experts as the engine does on CPU, per expert); the
+vocab head (+ greedy sampling when decoding); and the engine's own
 figure for the same work (`Engine.prefill`, and `Engine.generate` per token) so that the rest (layer
 scan, cache writes, norms, host work) shows as the difference. Widths as in `benchmarks/widths.py`.
 """
@@ -20,6 +21,7 @@ from benchmarks.widths import NEW, PROMPT, width_config
 from k2jax import attention, moe, params as params_lib, rope
 from k2jax import model as model_lib
 from k2jax.infer.engine import Engine
+from k2jax.kernels import dispatch
 from k2jax.infer.sampling import SamplingParams, sample
 from k2jax.layers import swiglu_mlp
 from benchmarks.timing import median_ms
@@ -37,6 +39,9 @@ def main():
   moe_p = jax.tree.map(lambda a: a[0], p["moe_layers"])
   dense_p = jax.tree.map(lambda a: a[0], p["dense_layers"])
   n_moe, n_dense = c.num_moe_layers, c.num_dense_layers
+  # Decoding reads the routed experts as the engine does (per-expert arrays on CPU, `moe.split_experts`).
+  split = dispatch.split_experts_for_decode(moe_p["moe"]["experts"]["gate_edf"])
+  moe_dec = {**moe_p["moe"], "experts": moe.split_experts(moe_p["moe"]["experts"])} if split else moe_p["moe"]
   max_len = PROMPT + NEW + 16
   rng = np.random.default_rng(0)
   rows = []
@@ -61,7 +66,8 @@ def main():
     parts = {
         f"attention x{c.num_hidden_layers}": c.num_hidden_layers * median_ms(
             attn_fn, moe_p["attn"], x, cache_c, cache_pe, start_b, reps=args.reps),
-        f"MoE layer x{n_moe}": n_moe * median_ms(moe_fn, moe_p["moe"], x, reps=args.reps),
+        f"MoE layer x{n_moe}": n_moe * median_ms(moe_fn, moe_dec if phase == "decode" else moe_p["moe"], x,
+                                                 reps=args.reps),
         f"dense MLP x{n_dense}": n_dense * median_ms(mlp_fn, x, dense_p["mlp"], reps=args.reps),
         "head" + (" + sampling" if phase == "decode" else ""): median_ms(head_fn, p["lm_head_dv"], x[:, -1],
                                                                     reps=args.reps),

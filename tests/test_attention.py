@@ -73,6 +73,22 @@ def test_flash_reads_a_layer_of_a_cache_stack(impl):
   np.testing.assert_allclose(m1, m2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("starts", [(5, 21), (5, 140), (250, 290)])
+def test_cached_tile_reads_only_the_filled_keys(starts):
+  """A cached step's single tile scores keys up to the filled length (rounded up to 128) only: equal to
+  the plain path over the whole cache, whichever length branch the filled length picks."""
+  S, C = 300, 6
+  ks = jax.random.split(jax.random.key(3), 4)
+  q = (jax.random.normal(ks[0], (B, 3, N, C)), jax.random.normal(ks[1], (B, 3, N, P)))
+  c_lbsc, pe_lbsp = jax.random.normal(ks[2], (2, B, S, C)), jax.random.normal(ks[3], (2, B, S, P))
+  mask = Mask(jnp.array([[1, 1, 0], [1, 1, 1]]), jnp.array(starts)[:, None] + jnp.arange(3))
+  got, m1 = jax.jit(lambda q, k, v: attend(q, k, v, mask, 0.5, impl="flash", layer=1))(q, (c_lbsc, pe_lbsp), c_lbsc)
+  want, m2 = reference_attention(q, (c_lbsc[1], pe_lbsp[1]), c_lbsc[1], mask, 0.5)
+  valid = np.asarray(mask.q_seg_bt != 0)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(m1, m2, rtol=1e-6)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_pallas_attention_under_a_mesh_splits_batch_and_heads(shared):
   """Under `use_mesh` the kernels run per (batch, head) shard in shard_map; values and gradients as plain

@@ -21,6 +21,8 @@ from k2jax.sharding import constrain
 IMPLS = ("flash", "plain", "pallas")
 # Query rows (tokens x heads) up to which a cached step uses the decode kernel: its rows stay in one program.
 DECODE_MAX_ROWS = 256
+# A cached step's single tile reads the keys up to the filled length rounded up to a multiple of this.
+CACHE_KEY_BUCKET = 128
 
 __all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "mla", "mla_absorbed", "queries",
            "write_latent"]
@@ -81,8 +83,26 @@ def attend(q_parts, k_parts, v, mask: Mask, scale: float, impl: str = "flash", l
       return _pallas(q_parts, k_parts, v, mask, scale, platform, interpret, layer)
     return flash_attention(q_parts, k_parts, v, mask, scale, layer=layer)
   if layer is not None:
+    if impl == "flash" and mask.k_seg_bs is None and S > CACHE_KEY_BUCKET:
+      return _filled_keys_tile(q_parts, k_parts, v, mask, scale, layer)
     k_parts, v = [k[layer] for k in k_parts], v[layer]
   return reference_attention(q_parts, k_parts, v, mask, scale)
+
+
+def _filled_keys_tile(q_parts, k_parts, v, mask: Mask, scale: float, layer):
+  """One tile over layer `layer` of a cache stack, reading keys [0, n) only: n is the filled length (the
+  largest valid query index + 1) rounded up to a multiple of CACHE_KEY_BUCKET, one switch branch per
+  length, so a prefill into a longer cache does not score its empty slots (they are masked either way)."""
+  S = v.shape[2]
+  lengths = [*range(CACHE_KEY_BUCKET, S, CACHE_KEY_BUCKET), S]
+
+  def tile(n):
+    return lambda q_parts, k_parts, v: reference_attention(
+        q_parts, [k[layer, :, :n] for k in k_parts], v[layer, :, :n], mask, scale)
+
+  filled = jnp.max(jnp.where(mask.q_seg_bt != 0, mask.q_index_bt, 0)) + 1
+  branch = jnp.clip((filled - 1) // CACHE_KEY_BUCKET, 0, len(lengths) - 1)
+  return jax.lax.switch(branch, [tile(n) for n in lengths], list(q_parts), list(k_parts), v)
 
 
 def _pallas(q_parts, k_parts, v, mask: Mask, scale: float, platform: str, interpret, layer):
