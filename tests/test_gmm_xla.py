@@ -149,8 +149,8 @@ def test_swiglu_one_loop_equals_three_grouped_matmuls():
   ws = [rng.standard_normal(s) / np.sqrt(s[1]) for s in ((8, K, f), (8, K, f), (8, f, K))]
   sizes = jnp.asarray(SIZES, jnp.int32)
   xj, wj = jnp.asarray(x, jnp.float32), [jnp.asarray(w, jnp.float32) for w in ws]
-  three = lambda x, g, u, d: gmm_xla.gmm(jax.nn.silu(gmm_xla.gmm(x, g, sizes, block=16)) * gmm_xla.gmm(x, u, sizes, block=16),
-                                         d, sizes, block=16)
+  mm = lambda x, w: gmm_xla.gmm(x, w, sizes, block=16)
+  three = lambda x, g, u, d: mm(jax.nn.silu(mm(x, g)) * mm(x, u), d)
   fused = lambda x, g, u, d: gmm_xla.swiglu(x, g, u, d, sizes, block=16)
   out = fused(xj, *wj)
   assert rel(out, ref_swiglu(x, *ws, SIZES)) < 1e-6
