@@ -407,7 +407,7 @@ def test_nothing_is_renamed_into_place_before_every_file_is_synced(k2t, tmp_path
   the commit must find every file of the staging tree synced before it renames it into place."""
   out = str(tmp_path / "out")
   synced, committed = set(), []
-  real_fsync, real_replace = layout._fsync, os.replace
+  real_fsync, real_replace = layout.fsync_path, os.replace
 
   def fsync(path):
     synced.add(os.path.realpath(path))
@@ -420,7 +420,7 @@ def test_nothing_is_renamed_into_place_before_every_file_is_synced(k2t, tmp_path
       assert files and not set(files) - synced, "renamed with unsynced files"
     return real_replace(src, dst, **kw)
 
-  monkeypatch.setattr(layout, "_fsync", fsync)
+  monkeypatch.setattr(layout, "fsync_path", fsync)
   monkeypatch.setattr(os, "replace", replace)
   convert(k2t, out, progress=False)
   assert committed and committed[0] > 10

@@ -92,7 +92,7 @@ class Staging:
       if os.path.isdir(self.output):
         os.rmdir(self.output)  # empty, checked on entry
       os.replace(self.tmp, self.output)
-      _fsync(os.path.dirname(self.output))  # the rename itself
+      fsync_path(os.path.dirname(self.output))  # the rename itself
     _barrier("k2jax-convert-committed")
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -100,7 +100,8 @@ class Staging:
       shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+  """fsync a file or folder by path."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -112,7 +113,7 @@ def _fsync_all(paths: list[str]) -> None:
   """fsync of each path that still exists (Orbax's temporary files may have gone meanwhile)."""
   for path in paths:
     try:
-      _fsync(path)
+      fsync_path(path)
     except FileNotFoundError:
       continue
 
@@ -123,7 +124,7 @@ def sync_tree(root: str) -> None:
   with files missing their data)."""
   with concurrent.futures.ThreadPoolExecutor(8) as pool:  # fsyncs of different files overlap
     for folder, _, files in os.walk(root):
-      list(pool.map(_fsync, [os.path.join(folder, f) for f in files] + [folder]))
+      list(pool.map(fsync_path, [os.path.join(folder, f) for f in files] + [folder]))
 
 
 class Slabs:

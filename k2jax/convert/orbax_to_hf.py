@@ -171,14 +171,6 @@ def _config_json(meta: dict, c: K2Config, fmt: str, side: str | None) -> tuple[d
   return out, source is not None and out == source
 
 
-def _fsync_file(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_when_copied(shards: ShardWriter, name: str, buf: np.ndarray, copied: concurrent.futures.Future) -> None:
   copied.result()
   shards.write(name, buf)
@@ -227,7 +219,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
             concurrent.futures.ThreadPoolExecutor(1, "k2-export-fsync") as syncer):
         syncs: list[concurrent.futures.Future] = []
         shards = ShardWriter(stage.tmp, specs, max_shard_bytes,
-                             on_file=lambda path: syncs.append(syncer.submit(_fsync_file, path)))
+                             on_file=lambda path: syncs.append(syncer.submit(layout.fsync_path, path)))
         writes: list[list[concurrent.futures.Future]] = [[], []]  # per slab: its tensors being written
         try:
           slabs = layout.Slabs(SLAB_BYTES)
