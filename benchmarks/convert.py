@@ -86,6 +86,14 @@ def write_checkpoint(c, folder: str) -> None:
     json.dump(c.to_hf(), f, indent=2)
 
 
+def _baseline(code: str, out: str, label: str) -> tuple[float, float | None]:
+  """(wall s, s after start-up) of `code` run on the --baseline_code tree; its output folder removed."""
+  s, _, inner = _child(code, _BASELINE.value)
+  print(f"  {label} {s:.1f} s ({inner:.1f} s after start-up)", flush=True)
+  shutil.rmtree(out)
+  return s, inner
+
+
 def _child(code: str, pythonpath: str | None = None) -> tuple[float, int, float | None]:
   """(seconds, peak RSS bytes, the work's own seconds if it printed them) of `python -c code`."""
   env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
@@ -134,11 +142,9 @@ def main(argv):
       code = (f"import json; from k2jax.convert import convert; "
               f"print(json.dumps(convert({src!r}, {out!r}, progress=False)))")
       if _BASELINE.value:
-        s, _, inner = _child(code, _BASELINE.value)
+        s, inner = _baseline(code, out, f"run {i}: baseline convert")
         base_s.append(s)
         base_inner.append(inner)
-        print(f"  run {i}: baseline convert {s:.1f} s ({inner:.1f} s after start-up)", flush=True)
-        shutil.rmtree(out)
       s, r, inner = _child(code)
       conv_s.append(s)
       inner_s.append(inner)
@@ -150,10 +156,7 @@ def main(argv):
         code = (f"import json; from k2jax.convert import export; "
                 f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")
         if _BASELINE.value and i == 0:  # the previous exporter once (it is slow)
-          s, _, inner = _child(code, _BASELINE.value)
-          base_export.append((s, inner))
-          print(f"  run {i}: baseline export {s:.1f} s ({inner:.1f} s after start-up)", flush=True)
-          shutil.rmtree(back)
+          base_export.append(_baseline(code, back, f"run {i}: baseline export"))
         s, r, inner = _child(code)
         export_s.append(s)
         export_inner.append(inner)
