@@ -40,7 +40,7 @@ def main():
   dense_p = jax.tree.map(lambda a: a[0], p["dense_layers"])
   n_moe, n_dense = c.num_moe_layers, c.num_dense_layers
   # Decoding reads the routed experts as the engine does (per-expert arrays on CPU, `moe.split_experts`).
-  split = dispatch.split_experts_for_decode(moe_p["moe"]["experts"]["gate_edf"])
+  split = dispatch.split_experts_for_decode(p["moe_layers"]["moe"]["experts"]["gate_edf"])
   moe_dec = {**moe_p["moe"], "experts": moe.split_experts(moe_p["moe"]["experts"])} if split else moe_p["moe"]
   max_len = PROMPT + NEW + 16
   rng = np.random.default_rng(0)

@@ -16,6 +16,7 @@ fit in VMEM, GPU -> Triton Pallas kernels, CPU (and longer TPU sequences) -> XLA
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -111,23 +112,24 @@ def _macs(x_mk, w) -> int:
 
 # One expert matrix from this many elements up is worth its own buffer for decoding on CPU (see below).
 SPLIT_EXPERT_MIN_ELEMENTS = 1 << 14
-# ... and up to this many experts: the decode program picks an expert by a switch with one branch per
-# expert, product and layer, so its compile time and memory grow with E x layers (64 experts x 11 layers
-# took minutes longer to compile than the stacked form, with 3 GB more resident; K2 has 384 x 60).
-SPLIT_EXPERT_MAX_EXPERTS = 32
+# ... and up to this many experts x layers: the decode program picks an expert by a switch with one branch
+# per expert, product and layer, so its compile time grows with E x layers (the medium benchmark width's
+# 64 experts x 11 layers: ~7 s more per decode program; K2's 384 x 60 would take minutes).
+SPLIT_EXPERT_MAX_BRANCHES = 1024
 
 
 def split_experts_for_decode(w, backend: str | None = None) -> bool:
-  """Whether decoding keeps routed-expert stacks like `w` ([..., E, K, N]) as tuples of per-expert arrays
-  (`moe.split_experts`).
+  """Whether decoding keeps routed-expert stacks like `w` ([..., E, K, N], layers leading) as tuples of
+  per-expert arrays (`moe.split_experts`).
 
   XLA:CPU copies w[e] out of the [E, K, N] stack before each product; at decode sizes the copy costs as
   much as the product (the product reads the matrix once). Tiny experts stay stacked (ragged_dot's path),
-  and so do many experts (the switch over them compiles one branch per expert).
+  and so do many experts x layers (the switch over them compiles one branch per expert and layer).
   """
-  return (_platform(backend) == "cpu" and not isinstance(w, (QuantizedWeight, tuple))
-          and w.shape[-2] * w.shape[-1] >= SPLIT_EXPERT_MIN_ELEMENTS
-          and w.shape[-3] <= SPLIT_EXPERT_MAX_EXPERTS)
+  if _platform(backend) != "cpu" or isinstance(w, (QuantizedWeight, tuple)):
+    return False
+  return (w.shape[-2] * w.shape[-1] >= SPLIT_EXPERT_MIN_ELEMENTS
+          and math.prod(w.shape[:-2]) <= SPLIT_EXPERT_MAX_BRANCHES)
 
 
 # The TPU flash kernels keep one head's whole keys and values (forward, dQ) in VMEM, double-buffered.

@@ -213,33 +213,38 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
   and each row block goes through all three products while it is in cache. Same products and roundings
   as three `_gmm_loop`s (gate and up outputs in x's dtype, as `gmm` returns them).
 
-  `ws` (gate, up, down): stacks, sliced per expert (a copy of each matrix), or tuples of per-expert arrays,
-  picked by a switch so that each product reads its matrix in place (decode, where the copies cost as
-  much as the products)."""
+  `ws` (gate, up, down): stacks, sliced per expert (a copy of each matrix), or tuples of per-expert arrays
+  (decode, where the copies cost as much as the products), picked by a switch on the expert so that each
+  product reads its matrix in place. Only the products sit in the switch's branches: their number is
+  E x 2 per layer, and anything else in them would compile E times over."""
   m = x_md.shape[0]
   n = ws[2][0].shape[-1] if isinstance(ws[2], tuple) else ws[2].shape[-1]
   cdt = _compute_dtype(x_md.dtype)
   starts, ends, nz_ids, n_nz = _bounds(group_sizes)
   lhs = _pad_rows(x_md, block)
+  dot = lambda a, w: jnp.dot(a, w.astype(cdt), preferred_element_type=jnp.float32)
 
-  def rows(start, end, w_gate, w_up, w_down, out):
+  if isinstance(ws[0], tuple):
+    gate_up = [lambda x, e=e: (dot(x, ws[0][e]), dot(x, ws[1][e])) for e in range(len(ws[0]))]
+    down = [lambda h, e=e: dot(h, ws[2][e]) for e in range(len(ws[0]))]
+    products = lambda e: (lambda x: lax.switch(e, gate_up, x), lambda h: lax.switch(e, down, h))
+  else:
+    def products(e):
+      w_gate, w_up, w_down = (_expert_weight(w, e, x_md.dtype, cdt) for w in ws)
+      return lambda x: (dot(x, w_gate), dot(x, w_up)), lambda h: dot(h, w_down)
+
+  def expert(r, out):
+    e = nz_ids[r]
+    start, (gate_up_fn, down_fn) = starts[e], products(e)
+
     def row_block(j, out):
       row0 = start + j * block
       x = lax.dynamic_slice_in_dim(lhs, row0, block).astype(cdt)
-      gate, up = (jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x_md.dtype) for w in (w_gate, w_up))
-      h = (jax.nn.silu(gate) * up).astype(cdt)
-      y = jnp.dot(h, w_down, preferred_element_type=jnp.float32)
+      gate, up = (y.astype(x_md.dtype) for y in gate_up_fn(x))
+      y = down_fn((jax.nn.silu(gate) * up).astype(cdt))
       return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
 
-    return lax.fori_loop(0, (end - start + block - 1) // block, row_block, out)
-
-  if isinstance(ws[0], tuple):
-    branches = [lambda s, t, out, e=e: rows(s, t, *(w[e].astype(cdt) for w in ws), out) for e in range(len(ws[0]))]
-    expert = lambda r, out: lax.switch(nz_ids[r], branches, starts[nz_ids[r]], ends[nz_ids[r]], out)
-  else:
-    def expert(r, out):
-      e = nz_ids[r]
-      return rows(starts[e], ends[e], *(_expert_weight(w, e, x_md.dtype, cdt) for w in ws), out)
+    return lax.fori_loop(0, (ends[e] - start + block - 1) // block, row_block, out)
 
   out0 = _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, ws, group_sizes)
   out = lax.fori_loop(0, n_nz, expert, out0)
@@ -275,6 +280,17 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 _swiglu_jit = jax.jit(_swiglu, static_argnums=(3, 4))
 
 
+# Per-expert weights (decode) are multiplied one row at a time up to this many rows per expert on average:
+# XLA:CPU runs a [1, K] @ [K, N] product as a matrix-vector product that streams the matrix once, and a
+# product of a few rows as a general one that first packs it (2-3x slower per row at decode sizes).
+ROW_AT_A_TIME_MAX_MEAN_ROWS = 4
+
+
+def swiglu_block_rows(m: int, num_groups: int, per_expert: bool = False) -> int:
+  """Rows per block of `swiglu`: one for per-expert weights at decode sizes, else `block_rows`."""
+  return 1 if per_expert and m <= ROW_AT_A_TIME_MAX_MEAN_ROWS * num_groups else block_rows(m, num_groups)
+
+
 def swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, block: int | None = None, out_dtype=None):
   """out[M, D]: down_e(silu(x @ gate_e) * (x @ up_e)) for the rows of group e (sorted by expert); rows past
   the groups are 0. Weights: dense stacks [E, K, N], QuantizedWeights, or tuples of E dense [K, N] arrays.
@@ -286,6 +302,6 @@ def swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, block: int | None = None,
   kinds = {isinstance(w, tuple) for w in (w_gate, w_up, w_down)}
   if len(kinds) > 1:
     raise ValueError("gate, up and down must all be stacks or all be tuples of per-expert arrays")
-  block = block or block_rows(m, num_groups)
+  block = block or swiglu_block_rows(m, num_groups, per_expert=kinds == {True})
   out_dtype = jnp.dtype(out_dtype or x_md.dtype)
   return _swiglu_jit(x_md, (w_gate, w_up, w_down), group_sizes.astype(jnp.int32), block, out_dtype)

@@ -128,7 +128,8 @@ def test_decode_weights_are_per_expert_where_experts_are_large(monkeypatch):
     experts = Engine(p, c, max_len=32)._decode_params()["moe_layers"][0]["moe"]["experts"]
     assert all(isinstance(w, tuple) == split for w in experts.values())
     assert not split or len(experts["down_efd"]) == c.n_routed_experts
-  monkeypatch.setattr(dispatch, "SPLIT_EXPERT_MAX_EXPERTS", c.n_routed_experts - 1)  # too many experts
+  # too many experts x layers (one switch branch each)
+  monkeypatch.setattr(dispatch, "SPLIT_EXPERT_MAX_BRANCHES", c.n_routed_experts * c.num_moe_layers - 1)
   experts = Engine(p, c, max_len=32)._decode_params()["moe_layers"][0]["moe"]["experts"]
   assert not any(isinstance(w, tuple) for w in experts.values())
 

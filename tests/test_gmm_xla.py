@@ -156,6 +156,13 @@ def test_swiglu_one_loop_equals_three_grouped_matmuls():
   assert rel(out, ref_swiglu(x, *ws, SIZES)) < 1e-6
   np.testing.assert_array_equal(out, three(xj, *wj))
   np.testing.assert_array_equal(gmm_xla.swiglu(xj, *(tuple(w) for w in wj), sizes, block=16), out)
+  # Per-expert weights at decode sizes go one row at a time (matrix-vector products: f32 sums in another
+  # order); rows past the groups stay zero.
+  few = [0, 2, 3, 0, 1, 0, 2, 0]  # 8 of 10 rows
+  assert gmm_xla.swiglu_block_rows(10, 8, per_expert=True) == 1 < gmm_xla.swiglu_block_rows(10, 8)
+  by_row = gmm_xla.swiglu(xj[:10], *(tuple(w) for w in wj), jnp.asarray(few, jnp.int32))
+  assert rel(by_row, ref_swiglu(x[:10], *ws, few)) < 1e-6
+  assert not np.asarray(by_row[sum(few):]).any()
   assert not np.asarray(out[sum(SIZES):]).any()
   loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), (0, 1, 2, 3)))
   for a, b in zip(loss(fused)(xj, *wj), loss(three)(xj, *wj)):
@@ -176,6 +183,9 @@ def test_dispatch_swiglu_routes_like_grouped_matmul():
       s((e, 256, 512), jnp.float32), s((e,), jnp.int32)))
   assert "custom_vjp" in jaxpr(4096, 32) and "ragged_dot" in jaxpr(8, 2)
   assert dispatch.split_experts_for_decode(jnp.zeros((4, 512, 256)), "cpu")
+  many = jax.ShapeDtypeStruct((11, 64, 512, 256), jnp.float32)  # layers x experts: one branch each
+  assert dispatch.split_experts_for_decode(many, "cpu")
+  assert not dispatch.split_experts_for_decode(jax.ShapeDtypeStruct((60, 384, 512, 256), jnp.float32), "cpu")
   assert not dispatch.split_experts_for_decode(jnp.zeros((4, 64, 32)), "cpu")
   assert not dispatch.split_experts_for_decode(jnp.zeros((4, 512, 256)), "tpu")
 
