@@ -27,9 +27,9 @@ NS_EPS = 1e-7
 _partition = getattr(optax, "partition", None) or optax.multi_transform
 
 
-# On CPU a stack of matrices goes through the iteration a few at a time (`lax.map`): XLA:CPU runs a
-# batched matmul at about half the rate of 2-D ones, and a whole stack falls out of cache. At the small
-# benchmark width (expert matrices 512 x 256, 512 KB in fp32) one matrix per step ran fastest.
+# On CPU a stack of matrices goes through the iteration a few at a time: XLA:CPU runs a batched matmul
+# at about half the rate of 2-D ones, and a whole stack falls out of cache. At the small benchmark width
+# (expert matrices 512 x 256, 512 KB in fp32) one matrix per step ran fastest.
 NS_CPU_GROUP_BYTES = 1 << 19
 NS_DTYPES = ("float32", "bfloat16")
 
@@ -37,8 +37,8 @@ NS_DTYPES = ("float32", "bfloat16")
 def newton_schulz5(m: jax.Array, steps: int = 5, eps: float = NS_EPS, dtype: str = "float32") -> jax.Array:
   """Approximate U V^T of each matrix in `m` [..., rows, cols] (fp32 out).
 
-  X <- a X + (b A + c A^2) X with A = X X^T, started from X = m / (|m|_F + eps); run on the wide
-  orientation so A is the smaller Gram matrix. Singular values land in roughly [0.7, 1.2], not at 1.
+  X <- a X + (b A + c A^2) X with A = X X^T, started from X = m / (|m|_F + eps); run on the
+  orientation where A is the smaller Gram matrix. Singular values land in roughly [0.7, 1.2], not at 1.
   `dtype` "bfloat16" keeps X and every product in bf16 (fp32 accumulation), as the reference Muon
   implementations (Keller Jordan's, Moonlight's) do; "float32" runs it all in fp32.
   On CPU a stack of matrices goes through in groups of about `NS_CPU_GROUP_BYTES` (same result).
@@ -47,32 +47,73 @@ def newton_schulz5(m: jax.Array, steps: int = 5, eps: float = NS_EPS, dtype: str
     raise ValueError(f"Newton-Schulz dtype must be one of {NS_DTYPES}, got {dtype!r}")
   group = max(1, NS_CPU_GROUP_BYTES // (4 * m.shape[-2] * m.shape[-1]))
   if m.ndim > 2 and m.size // (m.shape[-2] * m.shape[-1]) > group and jax.default_backend() == "cpu":
-    flat = m.reshape(-1, *m.shape[-2:])
-    out = jax.lax.map(lambda x: _newton_schulz5(x, steps, eps, dtype), flat,
-                      batch_size=group if group > 1 else None)
-    return out.reshape(m.shape)
+    return _newton_schulz5_in_groups(m, group, steps, eps, dtype)
   return _newton_schulz5(m, steps, eps, dtype)
 
 
+def _newton_schulz5_in_groups(m: jax.Array, group: int, steps: int, eps: float, dtype: str) -> jax.Array:
+  """`_newton_schulz5` of `group` matrices at a time, each result written over its input in one fp32
+  buffer (a loop carry updated in place: no zero-filled output stack, as `lax.map` would allocate)."""
+  buf = m.reshape(-1, *m.shape[-2:]).astype(jnp.float32)
+  n = buf.shape[0] // group
+
+  def body(i, buf):
+    x = jax.lax.dynamic_slice_in_dim(buf, i * group, group)
+    x = _newton_schulz5(x[0] if group == 1 else x, steps, eps, dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buf, x.reshape(group, *x.shape[-2:]), i * group, 0)
+
+  buf = jax.lax.fori_loop(0, n, body, buf)
+  if n * group < buf.shape[0]:  # the last, partial group
+    buf = buf.at[n * group:].set(_newton_schulz5(buf[n * group:], steps, eps, dtype))
+  return buf.reshape(m.shape)
+
+
 def _newton_schulz5(m: jax.Array, steps: int, eps: float, dtype: str = "float32") -> jax.Array:
+  if dtype != "float32":
+    return _newton_schulz5_lowp(m, steps, eps, jnp.dtype(dtype))
   a, b, c = NS_COEFFS
   x = m.astype(jnp.float32)
   tall = x.shape[-2] > x.shape[-1]
   if tall:
     x = jnp.swapaxes(x, -1, -2)
-  dt = jnp.dtype(dtype)
-  x = (x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)).astype(dt)
+  x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+
+  def step(_, x):
+    gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2))
+    return a * x + jnp.matmul(b * gram + c * jnp.matmul(gram, gram), x)
+
+  x = jax.lax.fori_loop(0, steps, step, x)  # a loop, not unrolled: half the compile time
+  return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def _newton_schulz5_lowp(m: jax.Array, steps: int, eps: float, dt) -> jax.Array:
+  """The same iteration with Y and every product's operands in `dt` (fp32 accumulation), on the tall
+  orientation Y [n, k] (n >= k): A = Y^T Y, Y <- a Y + Y (b A + c A^2).
+
+  Y^T is carried next to Y (one transpose copy per iteration) because XLA:CPU multiplies bf16 natively
+  only when both operands are row-major [M, K] @ [K, N]; a transposed operand (Y^T Y, X X^T) makes it
+  upcast the whole product to fp32, at a third of the rate. Expert matrices [d, f] are already tall, so
+  they go in and out without a transpose."""
+  a, b, c = NS_COEFFS
+  y = m.astype(jnp.float32)
+  wide = y.shape[-2] < y.shape[-1]
+  if wide:
+    y = jnp.swapaxes(y, -1, -2)
+  y = (y / (jnp.linalg.norm(y, axis=(-2, -1), keepdims=True) + eps)).astype(dt)
 
   def matmul(p, q):
     return jnp.matmul(p, q, preferred_element_type=jnp.float32)
 
-  def step(_, x):
-    gram = matmul(x, jnp.swapaxes(x, -1, -2)).astype(dt)
+  def step(_, carry):
+    y, y_t = carry
+    gram = matmul(y_t, y).astype(dt)
     poly = (b * gram.astype(jnp.float32) + c * matmul(gram, gram)).astype(dt)
-    return (a * x.astype(jnp.float32) + matmul(poly, x)).astype(dt)
+    y = (a * y.astype(jnp.float32) + matmul(y, poly)).astype(dt)
+    return y, jnp.swapaxes(y, -1, -2)
 
-  x = jax.lax.fori_loop(0, steps, step, x).astype(jnp.float32)  # a loop, not unrolled: half the compile time
-  return jnp.swapaxes(x, -1, -2) if tall else x
+  y, _ = jax.lax.fori_loop(0, steps, step, (y, jnp.swapaxes(y, -1, -2)))
+  y = y.astype(jnp.float32)
+  return jnp.swapaxes(y, -1, -2) if wide else y
 
 
 def muon_direction(g: jax.Array, plan: LeafPlan, ns_steps: int = 5, rms_scale: float = 0.2,
