@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.optimizer.peak_lr = 2e-5
   cfg.optimizer.end_lr = 2e-6
   cfg.optimizer.warmup_steps = 50
+  cfg.optimizer.ns_dtype = "bfloat16"  # the library default (the tiny base keeps fp32 for its recorded runs)
   cfg.log_every = 1
   cfg.eval_every = 200
   cfg.checkpoint_every = 200

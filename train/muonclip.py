@@ -117,7 +117,7 @@ def _newton_schulz5_lowp(m: jax.Array, steps: int, eps: float, dt) -> jax.Array:
 
 
 def muon_direction(g: jax.Array, plan: LeafPlan, ns_steps: int = 5, rms_scale: float = 0.2,
-                   ns_dtype: str = "float32") -> jax.Array:
+                   ns_dtype: str = "bfloat16") -> jax.Array:
   """rms_scale * sqrt(max(n, m)) * NS5 of each matrix of the leaf, in the leaf's shape (fp32)."""
   *_, rows, cols = plan.matrix_shape
   o = newton_schulz5(g.reshape(plan.matrix_shape), ns_steps, dtype=ns_dtype)
@@ -134,7 +134,7 @@ def scale_by_muon_matrices(
     nesterov: bool = True,
     ns_steps: int = 5,
     rms_scale: float = 0.2,
-    ns_dtype: str = "float32",
+    ns_dtype: str = "bfloat16",
 ) -> optax.GradientTransformation:
   """Momentum + Newton-Schulz direction per matrix; `plans_for(tree)` gives each leaf's matrix view."""
 
@@ -189,7 +189,7 @@ def muonclip(
     adam_eps: float = 1e-8,
     optimizer_map: Mapping[str, LeafPlan] | None = None,
     matrices: str = "muon",
-    ns_dtype: str = "float32",
+    ns_dtype: str = "bfloat16",
 ) -> optax.GradientTransformation:
   """K2's optimizer step as one optax transformation; `update` needs `params` (weight decay).
 
@@ -200,9 +200,9 @@ def muonclip(
   matrices: "muon", or "adamw" to give the matrix leaves AdamW too (RL: Muon's update has a fixed size
   whatever the gradient's signal-to-noise, AdamW's shrinks where noisy gradients cancel in its momentum).
 
-  ns_dtype: the Newton-Schulz iteration's dtype, "float32" (the default: the update is the fp32 iteration's)
-  or "bfloat16" (as the reference Muon implementations run it; on accelerators and on CPUs with bf16
-  matrix units it is ~2x faster, and its result differs from fp32's by ~1% relative, see tests).
+  ns_dtype: the Newton-Schulz iteration's dtype, "bfloat16" (the default, as the reference Muon
+  implementations run it: ~2.3x faster than fp32 on a CPU with bf16 matrix units, and on accelerators;
+  the result differs from fp32's by ~1% relative, see tests) or "float32" (the fp32 iteration, exact).
   """
   if matrices not in ("muon", "adamw"):
     raise ValueError(f"matrices must be 'muon' or 'adamw', got {matrices!r}")

@@ -44,7 +44,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
   sched = lr_schedule(cfg)
   tx = muonclip(sched, weight_decay=o.weight_decay, momentum=o.momentum, rms_scale=o.rms_scale,
                 adam_b1=o.adam_b1, adam_b2=o.adam_b2, matrices=o.get("matrices", "muon"),
-                ns_dtype=o.get("ns_dtype", "float32"))
+                ns_dtype=o.get("ns_dtype", "bfloat16"))
   if o.get("grad_clip", 0.0):
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, sched
