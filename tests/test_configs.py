@@ -76,6 +76,16 @@ def test_model_section_overrides_only_what_is_set():
   c = presets.from_config_dict(cfg.model)
   assert (c.hidden_size, c.rope.factor, c.q_lora_rank, c.n_group) == (32, 2.0, None, 4)
   assert presets.config_overrides(cfg.model) == {"hidden_size": 32, "rope": {"factor": 2.0}}
+  # A field with a fixed set of values is checked when the config is loaded, naming the field.
+  for field, bad in (("layer_loop", "loop"), ("remat", "all"), ("compute_dtype", "float16")):
+    wrong = _load("train_tiny.py")
+    wrong[field] = bad
+    with pytest.raises(ValueError, match=f"^{field} must be one of .*, got '{bad}'"):
+      trainer.check_config(wrong)
+  wrong = _load("train_tiny.py")
+  wrong.optimizer.ns_dtype = "fp8"
+  with pytest.raises(ValueError, match="optimizer.ns_dtype must be one of float32, bfloat16, got 'fp8'"):
+    trainer.check_config(wrong)
   del cfg.data
   with pytest.raises(ValueError, match="run config lacks data"):
     trainer.check_config(cfg)

@@ -184,6 +184,17 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f"the run config lacks {', '.join(missing)}; build it on configs/train_tiny.py "
                      "(train_tiny.get_config())")
+  from k2jax.model import REMAT_POLICIES  # noqa: PLC0415
+  from k2jax.train import muonclip  # noqa: PLC0415
+  # Fields with a fixed set of values, checked before anything is written (not at the first step's trace).
+  choices = {"remat": tuple(REMAT_POLICIES), "layer_loop": ts.LAYER_LOOPS, "moe_impl": sharding.MOE_IMPLS,
+             "data.chat_targets": data.CHAT_TARGETS, "optimizer.ns_dtype": muonclip.NS_DTYPES,
+             "param_dtype": tuple(params_lib.DTYPES), "compute_dtype": tuple(params_lib.DTYPES)}
+  for name, allowed in choices.items():
+    section, _, field = name.rpartition(".")
+    value = (cfg[section] if section else cfg).get(field)
+    if value not in allowed:
+      raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def resolved(cfg: ml_collections.ConfigDict, c: K2Config, mesh) -> dict[str, Any]:
