@@ -92,18 +92,22 @@ class Engine:
     return jnp.where((n_b > 0)[:, None], out.logits[:, 0], logits_bv), out.cache
 
   @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
-  def _decode_chunk(self, params, state: "_State", cache, rules: "_Rules", sp: SamplingParams, n_steps: int):
-    """`n_steps` decode steps in one call: feed the last token, sample, apply the rules; tokens [n, B]."""
+  def _decode_chunk(self, params, state: "_State", cache, rules: "_Rules", sp: SamplingParams, chunk: int,
+                    n_steps: jax.Array):
+    """`n_steps` (<= `chunk`, traced: one program for every chunk length) decode steps in one call: feed the
+    last token, sample, apply the rules; tokens [chunk, B], rows past `n_steps` unused."""
 
-    def step(carry, _):
-      state, cache = carry
+    def step(i, carry):
+      state, cache, tokens_nb, logprobs_nb, valid_nb = carry
       out = model_lib.forward(params, self.config, state.token_b[:, None], cache=cache, moe_impl=self.moe_impl)
       key, sub = jax.random.split(state.key)
       state = _emit(*sample_with_logprob(out.logits[:, 0], sub, sp), dataclasses.replace(state, key=key), rules)
-      return (state, out.cache), (state.token_b, state.logprob_b, state.valid_b)
+      return (state, out.cache, tokens_nb.at[i].set(state.token_b), logprobs_nb.at[i].set(state.logprob_b),
+              valid_nb.at[i].set(state.valid_b))
 
-    (state, cache), (tokens_nb, logprobs_nb, valid_nb) = jax.lax.scan(step, (state, cache), None, length=n_steps)
-    return state, cache, tokens_nb, logprobs_nb, valid_nb
+    shape = (chunk, state.token_b.shape[0])
+    init = (state, cache, jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool))
+    return jax.lax.fori_loop(0, n_steps, step, init)
 
   def _decode_params(self) -> dict:
     """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
@@ -216,8 +220,8 @@ class Engine:
         break
       n = min(chunk, max_new_tokens - produced)
       state, cache, tokens_nb, logprobs_nb, valid_nb = self._decode_chunk(params, state, cache, rules, sampling,
-                                                                          n)
-      blocks = [(np.asarray(tokens_nb), np.asarray(logprobs_nb), np.asarray(valid_nb))]
+                                                                          chunk, jnp.int32(n))
+      blocks = [(np.asarray(tokens_nb)[:n], np.asarray(logprobs_nb)[:n], np.asarray(valid_nb)[:n])]
       produced += n
     if prefix is not None:
       # Decode step i fed out[b][i]; after a row stopped, what it fed is not part of its sequence.
