@@ -46,10 +46,44 @@ def _bounds(group_sizes):
   return ends - sizes, ends, nz_ids, nonempty.sum(dtype=jnp.int32)
 
 
+@jax.tree_util.register_pytree_node_class
+class LayerSlice:
+  """Layer `layer` of a stacked routed-expert weight [L, E, K, N], for the unrolled training layers: the
+  grouped-matmul loops read w[layer, e] out of the stack in place, where a slice `stack[layer]` passed to
+  a loop is a copy of the whole [E, K, N] layer per step (~16 MB per matrix at the small benchmark width).
+
+  `row` is that layer's slice of a `jnp.split` of the stack: the forward never reads it (dead code), the
+  backward gives it the layer's dW, so the split's transpose assembles the stack's gradient as one
+  concatenate (`layer_slices`)."""
+
+  def __init__(self, stack, row, layer: int):
+    self.stack, self.row, self.layer = stack, row, layer
+
+  shape = property(lambda self: self.stack.shape[1:])
+  dtype = property(lambda self: self.stack.dtype)
+  ndim = property(lambda self: self.stack.ndim - 1)
+
+  def tree_flatten(self):
+    return (self.stack, self.row), self.layer
+
+  @classmethod
+  def tree_unflatten(cls, layer, children):
+    return cls(*children, layer)
+
+
+def layer_slices(stack_lekn) -> tuple:
+  """Every layer of a stack [L, E, K, N] as a `LayerSlice`."""
+  rows = jnp.split(stack_lekn, stack_lekn.shape[0], axis=0)
+  return tuple(LayerSlice(stack_lekn, row[0], layer) for layer, row in enumerate(rows))
+
+
 def _expert_weight(w, e, dtype, cdt):
   """w[e] as a dense [K, N] array: INT4 dequantised to `dtype` (this expert only), then cast to `cdt`."""
   if isinstance(w, QuantizedWeight):
     return w[e].dequantize(dtype).astype(cdt)
+  if isinstance(w, LayerSlice):
+    _, _, k, n = w.stack.shape
+    return lax.dynamic_slice(w.stack, (w.layer, e, 0, 0), (1, 1, k, n))[0, 0].astype(dtype).astype(cdt)
   return lax.dynamic_index_in_dim(w, e, keepdims=False).astype(dtype).astype(cdt)
 
 
@@ -178,6 +212,8 @@ def _gmm_bwd(block, out_dtype, res, dout):
   dlhs = _gmm_loop(dout, w, group_sizes, block, lhs.dtype, transpose_rhs=True)
   if isinstance(w, QuantizedWeight):  # inference weights: no gradient (integer leaves take float0)
     dw = jax.tree.map(_zero_cotangent, w)
+  elif isinstance(w, LayerSlice):  # dW goes to the layer's row of the split; the stack itself gets none
+    dw = LayerSlice(None, tgmm(lhs, dout, group_sizes, block=block, out_dtype=w.dtype), w.layer)
   else:
     dw = _sum_to_varying_of(tgmm(lhs, dout, group_sizes, block=block, out_dtype=w.dtype), w)
   return _sum_to_varying_of(dlhs, lhs), dw, None

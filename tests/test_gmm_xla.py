@@ -165,8 +165,19 @@ def test_swiglu_one_loop_equals_three_grouped_matmuls():
   assert not np.asarray(by_row[sum(few):]).any()
   assert not np.asarray(out[sum(SIZES):]).any()
   loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), (0, 1, 2, 3)))
-  for a, b in zip(loss(fused)(xj, *wj), loss(three)(xj, *wj)):
+  grads = loss(fused)(xj, *wj)
+  for a, b in zip(grads, loss(three)(xj, *wj)):
     np.testing.assert_array_equal(a, b)
+  # Layer 1 of [2, E, K, N] stacks as `LayerSlice` views (the unrolled training layers read it in place):
+  # the same values and gradients, the stacks' gradients in layer 1 only.
+  viewed = lambda x, *stacks: fused(x, *(gmm_xla.layer_slices(st)[1] for st in stacks))
+  stacks = [jnp.stack([-w, w]) for w in wj]
+  np.testing.assert_array_equal(viewed(xj, *stacks), out)
+  dx, *dstacks = loss(viewed)(xj, *stacks)
+  np.testing.assert_array_equal(dx, grads[0])
+  for dst, dw in zip(dstacks, grads[1:]):
+    np.testing.assert_array_equal(dst[1], dw)
+    assert not np.asarray(dst[0]).any()
   q = [QuantizedWeight.quantize(w) for w in wj]
   xb = xj.astype(jnp.bfloat16)
   got = gmm_xla.swiglu(xb, *q, sizes)

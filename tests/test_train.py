@@ -8,6 +8,7 @@ import pytest
 
 from k2jax import chat, int4, model, params as params_lib, presets
 from k2jax.configs import train_tiny
+from k2jax.kernels import gmm_xla
 from k2jax.tokenizer_build import tiny_tokenizer
 from k2jax.train import data, train_step as ts
 
@@ -81,9 +82,9 @@ def test_grad_accumulation_matches_big_batch(setup):
 
 
 def test_loss_is_log_softmax_of_the_models_logits():
-  """The step's 2-D head + logsumexp loss over unrolled layers (`layer_loop="unroll"`, the CPU default)
-  equals log_softmax over `forward`'s [B, T, V] logits from the scanned stack, value and gradient (same
-  fp32 products: to rounding)."""
+  """The step's 2-D head + logsumexp loss over unrolled layers (`layer_loop="unroll"`, the CPU default:
+  the MoE layers' routed experts as `gmm_xla.LayerSlice` views of the stacks) equals log_softmax over
+  `forward`'s [B, T, V] logits from the scanned stack, value and gradient (same fp32 products: to rounding)."""
   c = presets.from_config_dict(small_config(**{"model.num_hidden_layers": 3}).model)  # 2 MoE layers
   params = params_lib.init_params(c, jax.random.key(7))
   batch = data.PackedDataset(data.load_split("synthetic", "train"), 4, 64, seed=5).next_batch()
@@ -100,6 +101,8 @@ def test_loss_is_log_softmax_of_the_models_logits():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
   assert float(jnp.abs(g["lm_head_dv"]).max()) > 0
   assert float(jnp.abs(g["moe_layers"]["moe"]["experts"]["gate_edf"][1]).max()) > 0  # the last scanned layer
+  views = ts._moe_layer_views(params["moe_layers"])
+  assert len(views) == 2 and isinstance(views[1]["moe"]["experts"]["down_efd"], gmm_xla.LayerSlice)
 
 
 def test_layer_loop_choice():

@@ -16,7 +16,7 @@ import optax
 
 from k2jax import model, moe, params as params_lib, sharding
 from k2jax.config import K2Config
-from k2jax.kernels import dispatch
+from k2jax.kernels import dispatch, gmm_xla
 from k2jax.train import qk_clip as qk_clip_lib
 from k2jax.train import schedules
 from k2jax.train.muonclip import muonclip
@@ -88,6 +88,22 @@ def unroll_layers(c: K2Config, layer_loop: str = "auto") -> bool:
   return layer_loop == "unroll"
 
 
+def _moe_layer_views(stack: dict) -> tuple:
+  """The MoE layer stack as per-layer trees for the unrolled layers (`forward` takes either): each leaf
+  split along L (the gradient is one concatenate per leaf), the routed experts as `gmm_xla.LayerSlice`
+  views that the grouped-matmul loops read in place instead of copying each layer out of the stack."""
+  experts = stack["moe"]["experts"]
+  rest = {**stack, "moe": {k: v for k, v in stack["moe"].items() if k != "experts"}}
+  n = experts["gate_edf"].shape[0]
+  rows = jax.tree.map(lambda a: [r[0] for r in jnp.split(a, n, axis=0)], rest)
+  views = {k: gmm_xla.layer_slices(w) for k, w in experts.items()}
+  layers = []
+  for l in range(n):
+    p = jax.tree.map(lambda r, l=l: r[l], rows, is_leaf=lambda x: isinstance(x, list))
+    layers.append({**p, "moe": {**p["moe"], "experts": {k: v[l] for k, v in views.items()}}})
+  return tuple(layers)
+
+
 def loss_sums(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
               remat: str = "none", aux_loss_alpha: float = 0.0, moe_impl: str = "ragged",
               layer_loop: str = "auto"):
@@ -97,9 +113,11 @@ def loss_sums(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float
   weight so that the mean over (micro-)batches stays exact. `layer_loop`: see `unroll_layers`.
   """
   p = compute_params(params, compute_dtype, qat)
+  unroll = unroll_layers(c, layer_loop)
+  if unroll and moe_impl == "ragged" and jax.default_backend() == "cpu" and "moe_layers" in p:
+    p = {**p, "moe_layers": _moe_layer_views(p["moe_layers"])}
   out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat,
-                      aux_loss_alpha=aux_loss_alpha, moe_impl=moe_impl, return_hidden=True,
-                      unroll_layers=unroll_layers(c, layer_loop))
+                      aux_loss_alpha=aux_loss_alpha, moe_impl=moe_impl, return_hidden=True, unroll_layers=unroll)
   nll_bt = token_nll(out.hidden, p["lm_head_dv"], batch["targets"])  # out.logits goes unused (DCE'd)
   w_bt = batch["weights"].astype(jnp.float32)
   w_sum = jnp.sum(w_bt)
