@@ -56,24 +56,28 @@ def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dty
   from `split_experts`) works here, on one device or expert-parallel.
   `out_dtype` (default x's): fp32 for partial sums that are reduced afterwards (F split over devices).
   """
-  y_md = dispatch.grouped_swiglu(x_md, experts["gate_edf"], experts["up_edf"], experts["down_efd"], group_sizes_e,
-                                 out_dtype=out_dtype)
+  gate, up = (experts["gate_up_edf"], None) if "gate_up_edf" in experts else (experts["gate_edf"], experts["up_edf"])
+  y_md = dispatch.grouped_swiglu(x_md, gate, up, experts["down_efd"], group_sizes_e, out_dtype=out_dtype)
   valid_m = jnp.arange(x_md.shape[0]) < group_sizes_e.sum()
   return jnp.where(valid_m[:, None], y_md, jnp.zeros_like(y_md))
 
 
 def split_experts(experts: dict) -> dict:
-  """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays (decoding on CPU, where
-  `dispatch.split_experts_for_decode` says so: each product then reads its expert's matrix in place
-  instead of a copy sliced out of the stack). INT4 weights stay stacked."""
-  return {k: w if isinstance(w, QuantizedWeight) else tuple(w[e] for e in range(w.shape[0]))
-          for k, w in experts.items()}
+  """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays, gate and up concatenated
+  (`gate_up_edf`: [D, 2F] each) (decoding on CPU, where `dispatch.split_experts_for_decode` says so: each
+  product then reads its expert's matrix in place instead of a copy sliced out of the stack, and gate and
+  up are one product). INT4 weights stay stacked."""
+  if any(isinstance(w, QuantizedWeight) for w in experts.values()):
+    return experts
+  gate, up, down = experts["gate_edf"], experts["up_edf"], experts["down_efd"]
+  return {"gate_up_edf": tuple(jnp.concatenate([gate[e], up[e]], axis=-1) for e in range(gate.shape[0])),
+          "down_efd": tuple(down[e] for e in range(down.shape[0]))}
 
 
 def routed_experts(x_td: jax.Array, r: Routing, experts: dict) -> jax.Array:
   """Dropless: sort the T*K (token, expert) pairs by expert, grouped matmuls, unsort, combine in fp32."""
   T, K = r.experts_tk.shape
-  E = num_experts(experts["gate_edf"])
+  E = num_experts(experts["down_efd"])
   flat_e = r.experts_tk.reshape(-1)
   order = jnp.argsort(flat_e, stable=True)
   group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)

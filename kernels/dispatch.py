@@ -95,8 +95,9 @@ def grouped_swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, backend: str | No
   """down_e(silu(x @ gate_e) * (x @ up_e)) for the rows of group e (sorted by expert); rows past the groups
   are 0. On the plain-XLA path the three grouped matmuls run as one loop over experts (`gmm_xla.swiglu`:
   one pass over each row block, each expert's matrices taken once); elsewhere as three `grouped_matmul`s.
-  Weights as for `grouped_matmul`, or (XLA path only) tuples of per-expert [K, N] arrays (`split_experts`)
-  or `gmm_xla.LayerSlice` views of a layer stack (the unrolled training layers).
+  Weights as for `grouped_matmul`, or (XLA path only) tuples of per-expert [K, N] arrays (`split_experts`;
+  `w_up` None: `w_gate` holds [gate | up] per expert) or `gmm_xla.LayerSlice` views of a layer stack (the
+  unrolled training layers).
   """
   platform, impl = _resolve(backend, impl, interpret)
   if isinstance(w_gate, (tuple, gmm_xla.LayerSlice)) or (impl == "xla" and _macs(x_md, w_gate) > RAGGED_MAX_MACS):

@@ -251,8 +251,9 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
 
   `ws` (gate, up, down): stacks, sliced per expert (a copy of each matrix), or tuples of per-expert arrays
   (decode, where the copies cost as much as the products), picked by a switch on the expert so that each
-  product reads its matrix in place. Only the products sit in the switch's branches: their number is
-  E x 2 per layer, and anything else in them would compile E times over."""
+  product reads its matrix in place. Only the products sit in the switch's branches (E x 2 per layer; XLA:CPU
+  compiles a matrix-vector product per branch, so gate and up may come concatenated, `ws[1]` None: one
+  product for both); anything else in them would compile E times over."""
   m = x_md.shape[0]
   n = ws[2][0].shape[-1] if isinstance(ws[2], tuple) else ws[2].shape[-1]
   cdt = _compute_dtype(x_md.dtype)
@@ -261,9 +262,15 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
   dot = lambda a, w: jnp.dot(a, w.astype(cdt), preferred_element_type=jnp.float32)
 
   if isinstance(ws[0], tuple):
-    gate_up = [lambda x, e=e: (dot(x, ws[0][e]), dot(x, ws[1][e])) for e in range(len(ws[0]))]
+    if ws[1] is None:  # gate and up concatenated per expert: one product (and one branch) for both
+      f = ws[0][0].shape[-1] // 2
+      gate_up = [lambda x, e=e: dot(x, ws[0][e]) for e in range(len(ws[0]))]
+      split = lambda y: (y[:, :f], y[:, f:])
+    else:
+      gate_up = [lambda x, e=e: (dot(x, ws[0][e]), dot(x, ws[1][e])) for e in range(len(ws[0]))]
+      split = lambda y: y
     down = [lambda h, e=e: dot(h, ws[2][e]) for e in range(len(ws[0]))]
-    products = lambda e: (lambda x: lax.switch(e, gate_up, x), lambda h: lax.switch(e, down, h))
+    products = lambda e: (lambda x: split(lax.switch(e, gate_up, x)), lambda h: lax.switch(e, down, h))
   else:
     def products(e):
       w_gate, w_up, w_down = (_expert_weight(w, e, x_md.dtype, cdt) for w in ws)
@@ -291,6 +298,8 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
 def _swiglu_unfused(x_md, ws, group_sizes, block, out_dtype):
   """The same as three grouped matmuls (what the gradient is taken through)."""
   gate, up, down = (jnp.stack(w) if isinstance(w, tuple) else w for w in ws)
+  if up is None:  # [gate | up] per expert
+    gate, up = jnp.split(gate, 2, axis=-1)
   h_mf = (jax.nn.silu(_gmm(x_md, gate, group_sizes, block, x_md.dtype))
           * _gmm(x_md, up, group_sizes, block, x_md.dtype))
   return _gmm(h_mf, down, group_sizes, block, out_dtype)
@@ -329,15 +338,18 @@ def swiglu_block_rows(m: int, num_groups: int, per_expert: bool = False) -> int:
 
 def swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, block: int | None = None, out_dtype=None):
   """out[M, D]: down_e(silu(x @ gate_e) * (x @ up_e)) for the rows of group e (sorted by expert); rows past
-  the groups are 0. Weights: dense stacks [E, K, N], QuantizedWeights, or tuples of E dense [K, N] arrays.
-  Equal to `gmm` three times (the gradient is taken through exactly that), in one loop over experts."""
+  the groups are 0. Weights: dense stacks [E, K, N], QuantizedWeights, or tuples of E dense [K, N] arrays
+  (`w_up` None with tuples: `w_gate` holds [gate | up], [K, 2N], per expert). Equal to `gmm` three times
+  (the gradient is taken through exactly that), in one loop over experts."""
   m, k = x_md.shape
   num_groups = num_experts(w_gate)
   if group_sizes.shape != (num_groups,):
     raise ValueError(f"group_sizes {group_sizes.shape} does not match {num_groups} experts")
-  kinds = {isinstance(w, tuple) for w in (w_gate, w_up, w_down)}
+  kinds = {isinstance(w, tuple) for w in (w_gate, w_up, w_down) if w is not None}
   if len(kinds) > 1:
     raise ValueError("gate, up and down must all be stacks or all be tuples of per-expert arrays")
+  if w_up is None and kinds != {True}:
+    raise ValueError("gate and up come concatenated only as tuples of per-expert arrays")
   block = block or swiglu_block_rows(m, num_groups, per_expert=kinds == {True})
   out_dtype = jnp.dtype(out_dtype or x_md.dtype)
   return _swiglu_jit(x_md, (w_gate, w_up, w_down), group_sizes.astype(jnp.int32), block, out_dtype)

@@ -163,6 +163,9 @@ def test_swiglu_one_loop_equals_three_grouped_matmuls():
   by_row = gmm_xla.swiglu(xj[:10], *(tuple(w) for w in wj), jnp.asarray(few, jnp.int32))
   assert rel(by_row, ref_swiglu(x[:10], *ws, few)) < 1e-6
   assert not np.asarray(by_row[sum(few):]).any()
+  gate_up = tuple(jnp.concatenate([g, u], -1) for g, u in zip(wj[0], wj[1]))  # `moe.split_experts`' layout
+  concat = gmm_xla.swiglu(xj[:10], gate_up, None, tuple(wj[2]), jnp.asarray(few, jnp.int32))
+  assert rel(concat, ref_swiglu(x[:10], *ws, few)) < 1e-6
   assert not np.asarray(out[sum(SIZES):]).any()
   loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), (0, 1, 2, 3)))
   grads = loss(fused)(xj, *wj)
