@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import xla_flags
 
 from k2jax import params as params_lib, presets
 from k2jax.train import checkpointing, train_step as ts, trainer
@@ -98,7 +99,7 @@ def test_cli_prints_and_saves_the_resolved_run(tmp_path):
           "--config.data.seq_len=32", "--config.progress_bar=True"]
   args += [f"--config.model.{k}={v}" for k, v in SMALL_MODEL.items()]
   code = "import sys; from k2jax.train.trainer import run; sys.argv[0] = 'k2-train'; run()"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # 2 devices are enough here
+  env = {**os.environ, "XLA_FLAGS": xla_flags(2)}  # 2 devices are enough here
   res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, env=env)
   assert res.returncode == 0, res.stderr[-3000:]
   out = res.stdout

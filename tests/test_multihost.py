@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from conftest import xla_flags
 from host_params import host_params
 
 C_NAME, BATCH, SEQ, MESH = "tiny", 4, 12, "fsdp:2,expert:2"
@@ -52,7 +53,7 @@ def test_two_processes_match_one(tmp_path):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

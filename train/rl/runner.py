@@ -207,14 +207,15 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
   start = ckpt.latest_step() or 0
   if not start:
     init = cfg.init_checkpoint or warm_start(cfg, workdir)
-    state = ts.init_state(_load_init(cfg, c, init), tx)
+    # Built under jit: committed to the device like the step's own output, so step 2 does not compile again.
+    state = jax.jit(lambda p: ts.init_state(p, tx))(_load_init(cfg, c, init))
   else:
     like = jax.eval_shape(lambda: ts.init_state(params_lib.init_params(
         c, jax.random.key(0), params_lib.dtype_from_name(cfg.param_dtype)), tx))
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), like)
     _, params, opt_state, meta = ckpt.restore(like.params, like.opt_state, c)
-    state = ts.TrainState(jnp.asarray(start * cfg.updates_per_batch, jnp.int32), params, opt_state)
+    state = ts.TrainState(jax.device_put(jnp.asarray(start * cfg.updates_per_batch, jnp.int32), dev), params, opt_state)
     if ptx is not None:
       ptx.restore(meta["ptx_state"])
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
