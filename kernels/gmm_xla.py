@@ -3,9 +3,10 @@
 XLA:CPU lowers `lax.ragged_dot` to a dense product per group (about E times the useful work). Here the
 rows, already sorted by expert, are walked in blocks of `block` rows: a loop over the experts that
 have rows takes that expert's matrix once (dequantising an INT4 weight there, so only experts with
-rows are dequantised), and an inner loop multiplies its row blocks [start_e + j*block, +block).
-The last block of an expert runs into the next expert's rows; experts go in order, so the next one
-overwrites them. Work is about M + (experts with rows) * block rows, whatever the split.
+rows are dequantised), and inner loops multiply its row blocks: 4 x `block` rows while they fit, then
+`block`, then `block` / 4 (`block_tiers`). The last block of an expert runs into the next expert's rows;
+experts go in order, so the next one overwrites them. Work is about M + (experts with rows) * block / 4
+rows, whatever the split.
 
 Shapes are static (the loops have dynamic trip counts, a while loop each), so it runs under jit,
 inside shard_map and under eval_shape. The custom VJP gives dlhs by the same loop over w[e]^T and the
@@ -113,6 +114,28 @@ def _pad_rows(x, rows):
   return jnp.pad(x, ((0, rows), (0, 0)))
 
 
+def block_tiers(block: int) -> tuple[int, ...]:
+  """Row-block sizes of the forward loops, largest first: blocks of 4 x `block` rows while a group has
+  that many left (one product big enough for XLA:CPU to run on every core), then `block`, then a tail of
+  `block` / 4, so a group runs past its end by fewer than `block` / 4 rows. Blocks under 32 rows
+  (decode's single rows, small groups) keep the one size."""
+  return (4 * block, block, block // 4) if block >= 32 else (block,)
+
+
+def _walk_rows(start, end, tiers, row_block, out, num_rows: int):
+  """`row_block(row0, rows, out)` over the rows [start, end) in blocks of the tiers' sizes: whole blocks
+  of each size in turn, the last size rounded up (its last block runs past `end`; the caller pads to
+  `num_rows`). Sizes above `num_rows` are skipped (they could never fit)."""
+  tiers = tuple(t for t in tiers[:-1] if t <= num_rows) + tiers[-1:]
+  row0 = start
+  for i, rows in enumerate(tiers):
+    left = end - row0
+    count = (left + rows - 1) // rows if i == len(tiers) - 1 else left // rows
+    out = lax.fori_loop(0, count, lambda j, o, rows=rows, base=row0: row_block(base + j * rows, rows, o), out)
+    row0 = row0 + count * rows
+  return out
+
+
 def _gmm_loop(lhs_mk, w, group_sizes, block, out_dtype, transpose_rhs):
   """out[M, N] rows of group e times w[e] (or w[e]^T); rows past the groups are 0."""
   m = lhs_mk.shape[0]
@@ -127,13 +150,12 @@ def _gmm_loop(lhs_mk, w, group_sizes, block, out_dtype, transpose_rhs):
     w_kn = _expert_weight(w, e, lhs_mk.dtype, cdt)
     start = starts[e]
 
-    def row_block(j, out):
-      row0 = start + j * block
-      x = lax.dynamic_slice_in_dim(lhs, row0, block).astype(cdt)
+    def row_block(row0, rows, out):
+      x = lax.dynamic_slice_in_dim(lhs, row0, rows).astype(cdt)
       y = lax.dot_general(x, w_kn, dims, preferred_element_type=jnp.float32)
       return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
 
-    return lax.fori_loop(0, (ends[e] - start + block - 1) // block, row_block, out)
+    return _walk_rows(start, ends[e], block_tiers(block), row_block, out, lhs.shape[0])
 
   out = lax.fori_loop(0, n_nz, expert, _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, w, group_sizes))
   valid = jnp.arange(m) < ends[-1]
@@ -280,14 +302,13 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
     e = nz_ids[r]
     start, (gate_up_fn, down_fn) = starts[e], products(e)
 
-    def row_block(j, out):
-      row0 = start + j * block
-      x = lax.dynamic_slice_in_dim(lhs, row0, block).astype(cdt)
+    def row_block(row0, rows, out):
+      x = lax.dynamic_slice_in_dim(lhs, row0, rows).astype(cdt)
       gate, up = (y.astype(x_md.dtype) for y in gate_up_fn(x))
       y = down_fn((jax.nn.silu(gate) * up).astype(cdt))
       return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
 
-    return lax.fori_loop(0, (ends[e] - start + block - 1) // block, row_block, out)
+    return _walk_rows(start, ends[e], block_tiers(block), row_block, out, lhs.shape[0])
 
   out0 = _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, ws, group_sizes)
   out = lax.fori_loop(0, n_nz, expert, out0)
