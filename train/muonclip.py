@@ -32,6 +32,7 @@ _partition = getattr(optax, "partition", None) or optax.multi_transform
 # (expert matrices 512 x 256, 512 KB in fp32) one matrix per step ran fastest.
 NS_CPU_GROUP_BYTES = 1 << 19
 NS_DTYPES = ("float32", "bfloat16")
+NS_DTYPE = "bfloat16"  # the default: the reference Muon implementations' dtype (see `muonclip`)
 
 
 def newton_schulz5(m: jax.Array, steps: int = 5, eps: float = NS_EPS, dtype: str = "float32") -> jax.Array:
@@ -117,7 +118,7 @@ def _newton_schulz5_lowp(m: jax.Array, steps: int, eps: float, dt) -> jax.Array:
 
 
 def muon_direction(g: jax.Array, plan: LeafPlan, ns_steps: int = 5, rms_scale: float = 0.2,
-                   ns_dtype: str = "bfloat16") -> jax.Array:
+                   ns_dtype: str = NS_DTYPE) -> jax.Array:
   """rms_scale * sqrt(max(n, m)) * NS5 of each matrix of the leaf, in the leaf's shape (fp32)."""
   *_, rows, cols = plan.matrix_shape
   o = newton_schulz5(g.reshape(plan.matrix_shape), ns_steps, dtype=ns_dtype)
@@ -134,7 +135,7 @@ def scale_by_muon_matrices(
     nesterov: bool = True,
     ns_steps: int = 5,
     rms_scale: float = 0.2,
-    ns_dtype: str = "bfloat16",
+    ns_dtype: str = NS_DTYPE,
 ) -> optax.GradientTransformation:
   """Momentum + Newton-Schulz direction per matrix; `plans_for(tree)` gives each leaf's matrix view."""
 
@@ -189,7 +190,7 @@ def muonclip(
     adam_eps: float = 1e-8,
     optimizer_map: Mapping[str, LeafPlan] | None = None,
     matrices: str = "muon",
-    ns_dtype: str = "bfloat16",
+    ns_dtype: str = NS_DTYPE,
 ) -> optax.GradientTransformation:
   """K2's optimizer step as one optax transformation; `update` needs `params` (weight decay).
 

@@ -19,7 +19,7 @@ from k2jax.config import K2Config
 from k2jax.kernels import dispatch, gmm_xla
 from k2jax.train import qk_clip as qk_clip_lib
 from k2jax.train import schedules
-from k2jax.train.muonclip import muonclip
+from k2jax.train.muonclip import NS_DTYPE, muonclip
 
 QAT_MODE = "clamp7"  # scale = max|w|/7, q in [-7, 7]: the rounding of the open K2 QAT reproduction
 
@@ -44,7 +44,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
   sched = lr_schedule(cfg)
   tx = muonclip(sched, weight_decay=o.weight_decay, momentum=o.momentum, rms_scale=o.rms_scale,
                 adam_b1=o.adam_b1, adam_b2=o.adam_b2, matrices=o.get("matrices", "muon"),
-                ns_dtype=o.get("ns_dtype", "bfloat16"))
+                ns_dtype=o.get("ns_dtype", NS_DTYPE))
   if o.get("grad_clip", 0.0):
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, sched
