@@ -3,8 +3,9 @@ backends (subprocesses and notebook kernels the tests start inherit both)."""
 import os
 
 # The tests compile hundreds of tiny programs and run each a few times: compiling dominates, and LLVM's
-# optimisation passes are much of it. Level 0 keeps IEEE semantics (no fast math at either level) and cuts
-# the suite's CPU time by about a third; benchmarks and users keep XLA's default.
+# optimisation passes are much of it. Level 0 keeps IEEE semantics (no fast math at either level; a long sum
+# may be accumulated in another order) and cuts the suite's CPU time by about a third; benchmarks and users
+# keep XLA's default.
 CHEAP_CODEGEN = "--xla_backend_optimization_level=0"
 
 
