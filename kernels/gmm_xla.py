@@ -3,10 +3,10 @@
 XLA:CPU lowers `lax.ragged_dot` to a dense product per group (about E times the useful work). Here the
 rows, already sorted by expert, are walked in blocks of `block` rows: a loop over the experts that
 have rows takes that expert's matrix once (dequantising an INT4 weight there, so only experts with
-rows are dequantised), and inner loops multiply its row blocks: 4 x `block` rows while they fit, then
-`block`, then `block` / 4 (`block_tiers`). The last block of an expert runs into the next expert's rows;
-experts go in order, so the next one overwrites them. Work is about M + (experts with rows) * block / 4
-rows, whatever the split.
+rows are dequantised), and inner loops multiply its row blocks of 4, 3, 2 and 1 x `block` rows, as
+few products as cover the group (`block_tiers`). The last block of an expert may run
+into the next expert's rows; it stores only its own, so nothing is padded or masked afterwards. Work is
+about M + (experts with rows) * block rows, whatever the split.
 
 Shapes are static (the loops have dynamic trip counts, a while loop each), so it runs under jit,
 inside shard_map and under eval_shape. The custom VJP gives dlhs by the same loop over w[e]^T and the
@@ -115,23 +115,38 @@ def _pad_rows(x, rows):
 
 
 def block_tiers(block: int) -> tuple[int, ...]:
-  """Row-block sizes of the forward loops, largest first: blocks of 4 x `block` rows while a group has
-  that many left (one product big enough for XLA:CPU to run on every core), then `block`, then a tail of
-  `block` / 4, so a group runs past its end by fewer than `block` / 4 rows. Blocks under 32 rows
-  (decode's single rows, small groups) keep the one size."""
-  return (4 * block, block, block // 4) if block >= 32 else (block,)
+  """Row-block sizes of the forward loops, largest first: 4, 3, 2 and 1 x `block`. Each product has a
+  fixed cost (XLA:CPU packs the expert's matrix for it, worth tens of rows at the benchmark widths), so a
+  group goes through as few products as cover it: a group of 0.5-1.5 x the mean (2 x `block` rows) is one
+  product. Blocks under 32 rows (decode's single rows, small groups) keep the one size."""
+  return (4 * block, 3 * block, 2 * block, block) if block >= 32 else (block,)
 
 
-def _walk_rows(start, end, tiers, row_block, out, num_rows: int):
-  """`row_block(row0, rows, out)` over the rows [start, end) in blocks of the tiers' sizes: whole blocks
-  of each size in turn, the last size rounded up (its last block runs past `end`; the caller pads to
-  `num_rows`). Sizes above `num_rows` are skipped (they could never fit)."""
-  tiers = tuple(t for t in tiers[:-1] if t <= num_rows) + tiers[-1:]
+def _walk_rows(lhs, start, end, tiers, products, out):
+  """out[start:end] = products(lhs[start:end]) in row blocks of the tiers' sizes, largest first: each size
+  takes the blocks that fit, plus one when that one runs past `end` by at most the smallest size (a
+  product fewer is worth those rows); the smallest size rounds up. A block that would run past the array
+  is shifted back to end at it, and each block stores only the rows in [start, end): the others keep what
+  they hold (earlier groups' results, or rows that the next group overwrites), so the operand needs no
+  padding and the result no masking afterwards. Sizes above the array's rows are skipped."""
+  m = lhs.shape[0]
+  if m == 0:
+    return out
+  tiers = tuple(t for t in tiers if t <= m) or (m,)
+
+  def block(row0, rows, out):
+    row0 = jnp.minimum(row0, m - rows)
+    y = products(lax.dynamic_slice_in_dim(lhs, row0, rows)).astype(out.dtype)
+    i = row0 + jnp.arange(rows)
+    mine = ((i >= start) & (i < end))[:, None]
+    y = jnp.where(mine, y, lax.dynamic_slice_in_dim(out, row0, rows))
+    return lax.dynamic_update_slice_in_dim(out, y, row0, 0)
+
   row0 = start
   for i, rows in enumerate(tiers):
-    left = end - row0
-    count = (left + rows - 1) // rows if i == len(tiers) - 1 else left // rows
-    out = lax.fori_loop(0, count, lambda j, o, rows=rows, base=row0: row_block(base + j * rows, rows, o), out)
+    slack = tiers[-1] if i < len(tiers) - 1 else rows - 1
+    count = jnp.maximum((end - row0 + slack) // rows, 0)
+    out = lax.fori_loop(0, count, lambda j, o, rows=rows, base=row0: block(base + j * rows, rows, o), out)
     row0 = row0 + count * rows
   return out
 
@@ -142,24 +157,15 @@ def _gmm_loop(lhs_mk, w, group_sizes, block, out_dtype, transpose_rhs):
   n = w.shape[1] if transpose_rhs else w.shape[2]
   cdt = _compute_dtype(lhs_mk.dtype)
   starts, ends, nz_ids, n_nz = _bounds(group_sizes)
-  lhs = _pad_rows(lhs_mk, block)
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def expert(r, out):
     e = nz_ids[r]
     w_kn = _expert_weight(w, e, lhs_mk.dtype, cdt)
-    start = starts[e]
+    products = lambda x: lax.dot_general(x.astype(cdt), w_kn, dims, preferred_element_type=jnp.float32)
+    return _walk_rows(lhs_mk, starts[e], ends[e], block_tiers(block), products, out)
 
-    def row_block(row0, rows, out):
-      x = lax.dynamic_slice_in_dim(lhs, row0, rows).astype(cdt)
-      y = lax.dot_general(x, w_kn, dims, preferred_element_type=jnp.float32)
-      return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
-
-    return _walk_rows(start, ends[e], block_tiers(block), row_block, out, lhs.shape[0])
-
-  out = lax.fori_loop(0, n_nz, expert, _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, w, group_sizes))
-  valid = jnp.arange(m) < ends[-1]
-  return jnp.where(valid[:, None], out[:m], jnp.zeros((), out_dtype))
+  return lax.fori_loop(0, n_nz, expert, _varying_like(jnp.zeros((m, n), out_dtype), lhs_mk, w, group_sizes))
 
 
 def capacity_rows(m: int, num_groups: int) -> int:
@@ -280,7 +286,6 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
   n = ws[2][0].shape[-1] if isinstance(ws[2], tuple) else ws[2].shape[-1]
   cdt = _compute_dtype(x_md.dtype)
   starts, ends, nz_ids, n_nz = _bounds(group_sizes)
-  lhs = _pad_rows(x_md, block)
   dot = lambda a, w: jnp.dot(a, w.astype(cdt), preferred_element_type=jnp.float32)
 
   if isinstance(ws[0], tuple):
@@ -300,20 +305,15 @@ def _swiglu_loop(x_md, ws, group_sizes, block, out_dtype):
 
   def expert(r, out):
     e = nz_ids[r]
-    start, (gate_up_fn, down_fn) = starts[e], products(e)
+    gate_up_fn, down_fn = products(e)
 
-    def row_block(row0, rows, out):
-      x = lax.dynamic_slice_in_dim(lhs, row0, rows).astype(cdt)
-      gate, up = (y.astype(x_md.dtype) for y in gate_up_fn(x))
-      y = down_fn((jax.nn.silu(gate) * up).astype(cdt))
-      return lax.dynamic_update_slice_in_dim(out, y.astype(out_dtype), row0, 0)
+    def swiglu_rows(x):
+      gate, up = (y.astype(x_md.dtype) for y in gate_up_fn(x.astype(cdt)))
+      return down_fn((jax.nn.silu(gate) * up).astype(cdt))
 
-    return _walk_rows(start, ends[e], block_tiers(block), row_block, out, lhs.shape[0])
+    return _walk_rows(x_md, starts[e], ends[e], block_tiers(block), swiglu_rows, out)
 
-  out0 = _varying_like(jnp.zeros((m + block, n), out_dtype), lhs, ws, group_sizes)
-  out = lax.fori_loop(0, n_nz, expert, out0)
-  valid = jnp.arange(m) < ends[-1]
-  return jnp.where(valid[:, None], out[:m], jnp.zeros((), out_dtype))
+  return lax.fori_loop(0, n_nz, expert, _varying_like(jnp.zeros((m, n), out_dtype), x_md, ws, group_sizes))
 
 
 def _swiglu_unfused(x_md, ws, group_sizes, block, out_dtype):
