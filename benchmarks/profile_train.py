@@ -47,12 +47,41 @@ def _matmul_rates(reps: int) -> list[tuple[str, float]]:
   return rows
 
 
-def op_self_times(fn, *args, reps: int) -> collections.Counter:
+def hlo_op_names(hlo: str) -> dict[str, str]:
+  """Each instruction's op_name in a compiled HLO text. Instructions a pass created without one (the
+  products inside a switch's branches) take the op_name of the instruction that calls their computation."""
+  own, computation_of, caller_of = {}, {}, {}
+  computation = None
+  for line in hlo.splitlines():
+    if not line.startswith(" "):
+      m = re.match(r"(?:ENTRY )?%(\S+) ", line)
+      computation = m.group(1) if m else computation
+      continue
+    m = re.match(r"\s+(?:ROOT )?%(\S+) = ", line)
+    if not m:
+      continue
+    name = m.group(1)
+    computation_of[name] = computation
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if op_name:
+      own[name] = op_name.group(1)
+    for called in re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)", line):
+      for c in re.findall(r"%([\w.\-]+)", called):
+        caller_of.setdefault(c, name)
+
+  def resolve(name, depth=0):
+    caller = caller_of.get(computation_of.get(name))
+    return own.get(name) or (resolve(caller, depth + 1) if caller and depth < 64 else None)
+
+  return {name: op for name in computation_of if (op := resolve(name))}
+
+
+def op_self_times(fn, *args, reps: int, kind_of=None) -> collections.Counter:
   """ms per call of each XLA op kind inside `fn` (self time: nested ops subtracted), from a profiler trace.
   Kinds are op names without their numeric suffix ("fusion.12" -> "fusion"), prefixed "gmm:" for ops in
-  the grouped-matmul loops (`kernels/gmm_xla.py`), found through the compiled HLO's op_name metadata."""
-  hlo = fn.lower(*args).compile().as_text()
-  source = dict(re.findall(r"%(\S+) = [^\n]*?op_name=\"([^\"]*)\"", hlo))
+  the grouped-matmul loops (`kernels/gmm_xla.py`), found through the compiled HLO's op_name metadata;
+  or `kind_of(op, op_name)`."""
+  source = hlo_op_names(fn.lower(*args).compile().as_text())
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -77,8 +106,10 @@ def op_self_times(fn, *args, reps: int) -> collections.Counter:
   kinds = collections.Counter()
   for name, us in self_us.items():
     if name in source:  # XLA ops only (not the runtime's own events)
-      kind = re.sub(r"\.\d+$", "", name)
-      kinds[("gmm:" if re.search(r"_gmm|_swiglu", source[name]) else "") + kind] += us / 1e3 / reps
+      op = re.sub(r"\.\d+$", "", name)
+      kind = kind_of(op, source[name]) if kind_of else (
+          ("gmm:" if re.search(r"_gmm|_swiglu", source[name]) else "") + op)
+      kinds[kind] += us / 1e3 / reps
   return kinds
 
 

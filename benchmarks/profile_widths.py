@@ -1,6 +1,6 @@
 """Where k2jax's CPU time goes at a given width: each component jitted and timed alone, fp32.
 
-  python -m benchmarks.profile_widths --width=small [--reps=5]
+  python -m benchmarks.profile_widths --width=small [--reps=5] [--trace]
 
 Prefill (batch 8 x 128 tokens into an empty cache) and one decode step (batch 8, cache of 208): per-layer
 attention (absorbed, over the cache), the MoE layer (router, routed experts, shared expert) and the dense
@@ -22,17 +22,56 @@ from k2jax import attention, moe, params as params_lib, rope
 from k2jax import model as model_lib
 from k2jax.infer.engine import Engine
 from k2jax.kernels import dispatch
-from k2jax.infer.sampling import SamplingParams, sample
+from k2jax.infer.sampling import SamplingParams, sample, sample_with_logprob
 from k2jax.layers import swiglu_mlp
+from benchmarks.profile_train import op_self_times
 from benchmarks.timing import median_ms
 
 BATCH = 8
+TRACE_STEPS = 16
+
+
+def decode_op_group(op: str, op_name: str) -> str:
+  """A decode op's place in the model, from the named scopes in its op_name (`model._layer`)."""
+  product = op in ("dot", "ynn_fusion") or "dot_general" in op_name
+  if "/moe/" in op_name:
+    if "_swiglu" in op_name:
+      return "routed experts: matrix-vector products" if op == "dot" else "routed experts: loop, slices, SwiGLU"
+    return "MoE: other products (router, shared expert)" if product else "MoE: routing, sort, combine"
+  if "/attention/" in op_name:
+    return "attention: products" if product else "attention: rope, norms, cache writes, softmax, copies"
+  if "/mlp/" in op_name:
+    return "dense MLP"
+  if "/head/" in op_name:
+    return "head"
+  if "sample" in op_name:
+    return "sampling"
+  return "rest: embedding, norms, residuals, loop"
+
+
+def decode_trace(engine: Engine, c, prompts, reps: int):
+  """Op self times (ms per decode step, by `decode_op_group`) of TRACE_STEPS greedy decode steps over the
+  engine's decode weights, after a prefill of `prompts`."""
+  logits_bv, cache = engine.prefill(prompts)
+
+  @jax.jit
+  def steps(params, cache, token_b):
+    def step(_, carry):
+      cache, token_b = carry
+      out = model_lib.forward(params, c, token_b[:, None], cache=cache)
+      return out.cache, sample_with_logprob(out.logits[:, 0], jax.random.key(0), SamplingParams())[0]
+    return jax.lax.fori_loop(0, TRACE_STEPS, step, (cache, token_b))
+
+  token_b = jnp.argmax(logits_bv, -1).astype(jnp.int32)
+  groups = op_self_times(steps, engine._decode_params(), cache, token_b, reps=reps, kind_of=decode_op_group)
+  return {k: v / TRACE_STEPS for k, v in groups.items()}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--width", default="small")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--trace", action="store_true", help="also a decode step's op-by-op self times")
   args = ap.parse_args()
   c = width_config(args.width)
   p = params_lib.init_params(c, jax.random.key(0))
@@ -90,6 +129,13 @@ def main():
     print(f"| {phase} | rest (scan, cache writes, norms, host) | {whole - sum(parts.values()):.2f} | "
           f"{1 - sum(parts.values()) / whole:.0%} |")
     print(f"| {phase} | engine ({'per token' if phase == 'decode' else 'whole prefill'}) | {whole:.2f} | 100% |")
+  if args.trace:
+    groups = decode_trace(engine, c, rng.integers(0, 2000, (BATCH, PROMPT)).tolist(), reps=3)
+    total = sum(groups.values())
+    print(f"\nOne decode step op by op (batch {BATCH}, self times, all ops {total:.2f} ms)\n"
+          "| group | ms | share |\n|---|---:|---:|")
+    for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+      print(f"| {group} | {ms:.2f} | {ms / total:.0%} |")
 
 
 if __name__ == "__main__":

@@ -68,18 +68,22 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
 def _layer(c: K2Config, is_moe: bool, moe_impl: str, fake_quant: str | None, aux_alpha: float, attn_impl: str,
            h_btd, p, layer_cache, cos, sin, mask, valid_bt, start_b):
   x = rms_norm(h_btd, p["attn_norm_d"], c.rms_norm_eps)
-  if layer_cache is None:
-    attn_out, max_logit_n = attention.mla(p["attn"], x, c, cos, sin, mask, attn_impl)
-  else:
-    attn_out, max_logit_n, *layer_cache = attention.mla_absorbed(p["attn"], x, c, cos, sin, mask, *layer_cache,
-                                                                 start_b, attn_impl)
+  # Named scopes label the ops in profiles (`benchmarks/profile_widths.py --trace`).
+  with jax.named_scope("attention"):
+    if layer_cache is None:
+      attn_out, max_logit_n = attention.mla(p["attn"], x, c, cos, sin, mask, attn_impl)
+    else:
+      attn_out, max_logit_n, *layer_cache = attention.mla_absorbed(p["attn"], x, c, cos, sin, mask, *layer_cache,
+                                                                   start_b, attn_impl)
   h_btd = constrain(h_btd + attn_out, ("batch", "seq", "embed"))
   x = rms_norm(h_btd, p["mlp_norm_d"], c.rms_norm_eps)
   if is_moe:
-    mlp_out, load_e, aux = moe.moe(p["moe"], x, c, valid_bt, impl=moe_impl, fake_quant=fake_quant,
-                                   aux_alpha=aux_alpha)
+    with jax.named_scope("moe"):
+      mlp_out, load_e, aux = moe.moe(p["moe"], x, c, valid_bt, impl=moe_impl, fake_quant=fake_quant,
+                                     aux_alpha=aux_alpha)
   else:
-    mlp_out, load_e, aux = swiglu_mlp(x, p["mlp"]), None, None
+    with jax.named_scope("mlp"):
+      mlp_out, load_e, aux = swiglu_mlp(x, p["mlp"]), None, None
   h_btd = constrain(h_btd + mlp_out, ("batch", "seq", "embed"))
   return h_btd, (max_logit_n, load_e, aux, layer_cache)
 
@@ -200,7 +204,8 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
       new_c[name], new_pe[name] = stack_cache
   h_btd = rms_norm(h_btd, params["final_norm_d"], c.rms_norm_eps)
   head_in = h_btd if logits_at_b is None else jnp.take_along_axis(h_btd, logits_at_b[:, None, None], axis=1)
-  logits = jnp.einsum("btd,dv->btv", head_in, params["lm_head_dv"], preferred_element_type=jnp.float32)
+  with jax.named_scope("head"):
+    logits = jnp.einsum("btd,dv->btv", head_in, params["lm_head_dv"], preferred_element_type=jnp.float32)
   logits = constrain(logits, ("batch", "seq", "vocab"))
   new_cache = None
   if cache is not None:
