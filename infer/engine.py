@@ -124,6 +124,16 @@ class Engine:
       self._per_layer = (self.params, _per_layer_params(self.params, split))
     return self._per_layer[1]
 
+  def _prefill_params(self) -> dict:
+    """The weights prefill runs on: decoding's (`_decode_params`) where they hold the routed experts per
+    expert, so that each expert's products read its matrices in place instead of copies out of the stacks
+    (prefill of 8 x 128 tokens at the small benchmark width: ~1.1x faster); else the stacked layers, whose
+    scan compiles one layer."""
+    params = self._decode_params()
+    moe_layers = params.get("moe_layers")
+    split = isinstance(moe_layers, tuple) and "gate_up_edf" in moe_layers[0]["moe"]["experts"]
+    return params if split else self.params
+
   def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
               ) -> tuple[jax.Array, model_lib.Cache]:
     """Logits after each prompt [B, V] and the filled cache (`prefix` is read, never changed)."""
@@ -156,6 +166,7 @@ class Engine:
     self.stats["prefill_tokens"] += sum(len(x) for x in suffixes)
     logits = jnp.zeros((len(uprompts), self.config.vocab_size), jnp.float32)
     longest = max(len(x) for x in suffixes)
+    params = self._prefill_params()
     for c0 in range(0, longest, self.prefill_chunk):
       T = _bucket(min(self.prefill_chunk, longest - c0), self.max_len)
       tokens = np.zeros((len(uprompts), T), np.int32)
@@ -164,7 +175,7 @@ class Engine:
         piece = x[c0:c0 + self.prefill_chunk]
         tokens[u, :len(piece)] = piece
         seg[u, :len(piece)] = 1
-      logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(seg), cache, logits)
+      logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(seg), cache, logits)
     if len(uprompts) < len(prompts):
       logits, cache = logits[src], _take_rows(cache, src, np.asarray(cache.lengths)[src])
     return logits, cache
