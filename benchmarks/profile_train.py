@@ -9,6 +9,8 @@ every leaf); and the matmul rates that bound Newton-Schulz (one 2-D product and 
 bf16 with fp32 accumulation). Batch x 128 tokens, fp32, widths as in `benchmarks/widths.py`.
 `--trace`: also where the whole `loss_and_grads` spends its time op by op (a `jax.profiler` trace; each
 XLA op's self time, grouped by op kind, ops inside the grouped-matmul loops apart).
+`--trace_step=adamw|muon`: the same for the whole jitted train step (loss, gradients, optimizer update),
+each op kind split by the source line it came from (the HLO's op_name, jit names dropped).
 """
 from __future__ import annotations
 
@@ -113,14 +115,36 @@ def op_self_times(fn, *args, reps: int, kind_of=None) -> collections.Counter:
   return kinds
 
 
+def _train_step_fn(c, matrices: str, batch: int):
+  """The jitted train step of `benchmarks.widths` (bf16 Newton-Schulz), its state, and one batch."""
+  cfg = train_tiny.get_config()
+  cfg.optimizer.matrices, cfg.optimizer.ns_dtype = matrices, "bfloat16"
+  tx, sched = ts.make_optimizer(cfg)
+  state = jax.jit(lambda k: ts.init_state(params_lib.init_params(c, k), tx))(jax.random.key(0))
+  step = jax.jit(lambda s, b: ts.train_step(s, b, c=c, cfg=cfg, tx=tx, schedule=sched))
+  return step, state, _train_batches(1, batch)[0]
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--width", default="small")
   ap.add_argument("--batch", type=int, default=8, help=f"sequences of {TRAIN_SEQ} tokens")
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--trace", action="store_true", help="also the op-by-op self times of loss_and_grads")
+  ap.add_argument("--trace_step", choices=("adamw", "muon"),
+                  help="only the op-by-op self times of the whole train step (AdamW on every leaf, or MuonClip), "
+                       "by op kind and source")
+  ap.add_argument("--top", type=int, default=25, help="rows of the op-by-op tables")
   args = ap.parse_args()
   c = width_config(args.width)
+  if args.trace_step:
+    by_source = lambda op, src: op + "  " + re.sub(r"jit\([^)]*\)/", "", src)[:120]  # noqa: E731
+    kinds = op_self_times(*_train_step_fn(c, args.trace_step, args.batch), reps=args.reps, kind_of=by_source)
+    print(f"# width={args.width}, {args.batch * TRAIN_SEQ} tokens, train step ({args.trace_step}): op self time, "
+          f"all ops {sum(kinds.values()):.0f} ms\n| ms | op kind and source |\n|---:|---|")
+    for kind, ms in kinds.most_common(args.top):
+      print(f"| {ms:.1f} | `{kind}` |")
+    return
   p = params_lib.init_params(c, jax.random.key(0))
   rng = np.random.default_rng(0)
   B, T = args.batch, TRAIN_SEQ
@@ -152,7 +176,7 @@ def main():
   if args.trace:
     kinds = op_self_times(lg, p, batch, reps=args.reps)
     print(f"\nloss_and_grads op by op (self time, all ops {sum(kinds.values()):.0f} ms)\n| op kind | ms |\n|---|---:|")
-    for kind, ms in kinds.most_common(25):
+    for kind, ms in kinds.most_common(args.top):
       print(f"| {kind} | {ms:.1f} |", flush=True)
     print()
   grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), p)
