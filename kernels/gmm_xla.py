@@ -3,10 +3,10 @@
 XLA:CPU lowers `lax.ragged_dot` to a dense product per group (about E times the useful work). Here the
 rows, already sorted by expert, are walked in blocks of `block` rows: a loop over the experts that
 have rows takes that expert's matrix once (dequantising an INT4 weight there, so only experts with
-rows are dequantised), and inner loops multiply its row blocks of 4, 3, 2 and 1 x `block` rows, as
-few products as cover the group (`block_tiers`). The last block of an expert may run
-into the next expert's rows; it stores only its own, so nothing is padded or masked afterwards. Work is
-about M + (experts with rows) * block rows, whatever the split.
+rows are dequantised), and inner loops multiply its row blocks: of 4 x `block` rows while they fit,
+then one block of a multiple of `block` / 2 rows that covers the rest (`block_tiers`). That last block
+may run into the next expert's rows; it stores only its own, so nothing is padded or masked afterwards.
+Work is about M + (experts with rows) * block / 2 rows, whatever the split.
 
 Shapes are static (the loops have dynamic trip counts, a while loop each), so it runs under jit,
 inside shard_map and under eval_shape. The custom VJP gives dlhs by the same loop over w[e]^T and the
@@ -114,21 +114,26 @@ def _pad_rows(x, rows):
   return jnp.pad(x, ((0, rows), (0, 0)))
 
 
-def block_tiers(block: int) -> tuple[int, ...]:
-  """Row-block sizes of the forward loops, largest first: 4, 3, 2 and 1 x `block`. Each product has a
-  fixed cost (XLA:CPU packs the expert's matrix for it, worth tens of rows at the benchmark widths), so a
-  group goes through as few products as cover it: a group of 0.5-1.5 x the mean (2 x `block` rows) is one
-  product. Blocks under 32 rows (decode's single rows, small groups) keep the one size."""
-  return (4 * block, 3 * block, 2 * block, block) if block >= 32 else (block,)
+def block_tiers(block: int, granule: int | None = None) -> tuple[int, ...]:
+  """Row-block sizes of the forward loops, largest first: 4 x `block`, then every multiple of `granule`
+  (`block` / 2) below it. A group goes through whole blocks of the largest size, then one block of the
+  smallest size that covers the rest: each product has a fixed cost (XLA:CPU packs the expert's matrix
+  for it, worth tens of rows at the benchmark widths), so a group of up to 4 x `block` rows (twice the
+  mean) is one product, running fewer than `granule` rows past its end. Blocks under 32 rows (decode's
+  single rows, small groups) keep the one size."""
+  if block < 32:
+    return (block,)
+  granule = granule or block // 2
+  return tuple(range(4 * block, 0, -granule))
 
 
 def _walk_rows(lhs, start, end, tiers, products, out):
-  """out[start:end] = products(lhs[start:end]) in row blocks of the tiers' sizes, largest first: each size
-  takes the blocks that fit, plus one when that one runs past `end` by at most the smallest size (a
-  product fewer is worth those rows); the smallest size rounds up. A block that would run past the array
-  is shifted back to end at it, and each block stores only the rows in [start, end): the others keep what
-  they hold (earlier groups' results, or rows that the next group overwrites), so the operand needs no
-  padding and the result no masking afterwards. Sizes above the array's rows are skipped."""
+  """out[start:end] = products(lhs[start:end]): whole blocks of `tiers[0]` rows, then one block of the
+  smallest of `tiers` that covers the rest (a loop each, run once or not at all). A block that would run
+  past the array is shifted back to end at it, and each block stores only the rows in [start, end): the
+  others keep what they hold (earlier groups' results, or rows that the next group overwrites), so the
+  operand needs no padding and the result no masking afterwards. Sizes above the array's rows are
+  skipped."""
   m = lhs.shape[0]
   if m == 0:
     return out
@@ -142,12 +147,14 @@ def _walk_rows(lhs, start, end, tiers, products, out):
     y = jnp.where(mine, y, lax.dynamic_slice_in_dim(out, row0, rows))
     return lax.dynamic_update_slice_in_dim(out, y, row0, 0)
 
-  row0 = start
-  for i, rows in enumerate(tiers):
-    slack = tiers[-1] if i < len(tiers) - 1 else rows - 1
-    count = jnp.maximum((end - row0 + slack) // rows, 0)
-    out = lax.fori_loop(0, count, lambda j, o, rows=rows, base=row0: block(base + j * rows, rows, o), out)
-    row0 = row0 + count * rows
+  top = tiers[0]
+  whole = (end - start) // top
+  out = lax.fori_loop(0, whole, lambda j, o: block(start + j * top, top, o), out)
+  row0, left = start + whole * top, end - start - whole * top
+  for rows, smaller in zip(tiers, tiers[1:] + (0,)):
+    once = ((left > smaller) & (left <= rows)).astype(jnp.int32)
+    # The index keeps the block in the loop: loop-invariant, XLA would hoist it out and run it always.
+    out = lax.fori_loop(0, once, lambda j, o, rows=rows: block(row0 + j, rows, o), out)
   return out
 
 

@@ -77,15 +77,15 @@ def test_edge_splits(data):
     loss, dw = f(wj, jnp.asarray(sizes, jnp.int32))
     np.testing.assert_allclose(float(loss), np.sin(y).sum(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dw), ref_dw(x, np.cos(y) * (y != 0), sizes), atol=1e-4)
-  # block 32: row blocks of 128, 96, 64 and 32 (`block_tiers`), each size used by a group, blocks rounded
-  # up past a group's end and the last one shifted back to end at the array's.
+  # block 32: whole blocks of 128 rows, then one of 16, 32, ..., 112 rows covering the rest (`block_tiers`),
+  # past a group's end; the last one shifted back to end at the array's.
   rng = np.random.default_rng(1)
   x3, d3 = rng.standard_normal((300, K)), rng.standard_normal((300, N))
   sizes = [0, 150, 0, 0, 60, 0, 90, 0]  # 128 + 32 (22 rows); 64 (60 rows); 96 (shifted back by 6 rows)
   f = jax.jit(lambda x, w: gmm_xla.gmm(x, w, jnp.asarray(sizes, jnp.int32), block=32))
   out, vjp = jax.vjp(f, jnp.asarray(x3, jnp.float32), wj)
   dx, dw = vjp(jnp.asarray(d3, jnp.float32))
-  assert gmm_xla.block_tiers(32) == (128, 96, 64, 32) and rel(out, ref_gmm(x3, w, sizes)) < 1e-6
+  assert gmm_xla.block_tiers(32) == (128, 112, 96, 80, 64, 48, 32, 16) and rel(out, ref_gmm(x3, w, sizes)) < 1e-6
   assert rel(dx, ref_gmm(d3, np.swapaxes(w, 1, 2), sizes)) < 1e-6 and rel(dw, ref_dw(x3, d3, sizes)) < 1e-6
 
 
