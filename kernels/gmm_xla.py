@@ -162,17 +162,20 @@ def _walk_rows(lhs, start, end, tiers, products, out):
     return out
   tiers = tuple(t for t in tiers if t <= m) or (m,)
 
-  def block(row0, rows, out):
-    row0 = jnp.minimum(row0, m - rows)
+  def block(row0, rows, out, inside=False):
+    # `inside`: the block lies in [start, end) (the whole blocks, and every one-row block), a plain store.
+    if not inside:
+      row0 = jnp.minimum(row0, m - rows)
     y = products(lax.dynamic_slice_in_dim(lhs, row0, rows)).astype(out.dtype)
-    i = row0 + jnp.arange(rows)
-    mine = ((i >= start) & (i < end))[:, None]
-    y = jnp.where(mine, y, lax.dynamic_slice_in_dim(out, row0, rows))
+    if not inside:
+      i = row0 + jnp.arange(rows)
+      mine = ((i >= start) & (i < end))[:, None]
+      y = jnp.where(mine, y, lax.dynamic_slice_in_dim(out, row0, rows))
     return lax.dynamic_update_slice_in_dim(out, y, row0, 0)
 
   top = tiers[0]
   whole = (end - start) // top
-  out = lax.fori_loop(0, whole, lambda j, o: block(start + j * top, top, o), out)
+  out = lax.fori_loop(0, whole, lambda j, o: block(start + j * top, top, o, inside=True), out)
   row0, left = start + whole * top, end - start - whole * top
   for rows, smaller in zip(tiers, tiers[1:] + (0,)):
     once = ((left > smaller) & (left <= rows)).astype(jnp.int32)
