@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax import model as model_lib, moe
+from k2jax import expert_parallel, model as model_lib, moe, sharding
 from k2jax.config import K2Config
 from k2jax.kernels import dispatch
 from k2jax.infer.sampling import SamplingParams, sample_with_logprob
@@ -79,7 +79,8 @@ class Engine:
     self.cache_dtype = cache_dtype or params["embed_vd"].dtype
     self.moe_impl = moe_impl
     self.prefill_chunk = prefill_chunk
-    self._per_layer: tuple[dict, dict] | None = None  # (params, the same per layer), see `_decode_params`
+    # (params, expert mesh, the same per layer), see `_decode_params`
+    self._per_layer: tuple[dict, object, dict] | None = None
     # Tokens run through prefill (after prefix reuse and de-duplication), for benchmarks and logs.
     self.stats = {"prefill_tokens": 0}
 
@@ -112,17 +113,29 @@ class Engine:
   def _decode_params(self) -> dict:
     """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
     weights on every token, and with the routed experts per expert (`moe.split_experts`), where each token
-    would copy its chosen experts' matrices out of the stacks. Split once per parameter tree (`params` may
-    be replaced, as RL does each step), not once per `generate` call: an agent run calls `generate` at
-    every step."""
+    would copy its chosen experts' matrices out of the stacks; expert-parallel on a CPU mesh, per expert
+    as laid out for the mesh (`expert_parallel.split_experts`: each device reads its own experts in
+    place). Split once per parameter tree (`params` may be replaced, as RL does each step) and mesh, not
+    once per `generate` call: an agent run calls `generate` at every step."""
     if not dispatch.unstack_layers_for_decode():
       return self.params
-    if self._per_layer is None or self._per_layer[0] is not self.params:
+    mesh = self._expert_mesh()
+    if self._per_layer is None or self._per_layer[0] is not self.params or self._per_layer[1] != mesh:
       moe_layers = self.params.get("moe_layers", {})
-      split = (self.moe_impl == "ragged" and not isinstance(moe_layers, tuple) and "moe" in moe_layers
-               and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
-      self._per_layer = (self.params, _per_layer_params(self.params, split))
-    return self._per_layer[1]
+      split = ((self.moe_impl == "ragged" or mesh is not None) and not isinstance(moe_layers, tuple)
+               and "moe" in moe_layers and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
+      self._per_layer = (self.params, mesh, _per_layer_params(self.params, split, mesh))
+    return self._per_layer[2]
+
+  def _expert_mesh(self):
+    """The mesh of the enclosing `sharding.use_mesh` when the routed experts run expert-parallel over a
+    CPU mesh's `expert` axis (`moe_impl` "ep"/"ep_a2a"), else None."""
+    ctx = sharding.current()
+    if self.moe_impl not in ("ep", "ep_a2a") or ctx is None:
+      return None
+    mesh = ctx[0]
+    ok = sharding.mesh_platform(mesh) == "cpu" and mesh.shape.get(expert_parallel.EXPERT_AXIS, 1) > 1
+    return mesh if ok else None
 
   def _prefill_params(self) -> dict:
     """The weights prefill runs on: decoding's (`_decode_params`) where they hold the routed experts per
@@ -244,11 +257,13 @@ class Engine:
     return Generation(out, reasons, [len(p) for p in prompts], np.asarray(state.used_b).tolist(), out_logp)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _per_layer_params(params: dict, split_experts: bool) -> dict:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _per_layer_params(params: dict, split_experts: bool, expert_mesh=None) -> dict:
   out = model_lib.unstack_layers(params)
   if split_experts and "moe_layers" in out:
-    out["moe_layers"] = tuple({**p, "moe": {**p["moe"], "experts": moe.split_experts(p["moe"]["experts"])}}
+    split = (moe.split_experts if expert_mesh is None
+             else functools.partial(expert_parallel.split_experts, mesh=expert_mesh))
+    out["moe_layers"] = tuple({**p, "moe": {**p["moe"], "experts": split(p["moe"]["experts"])}}
                               for p in out["moe_layers"])
   return out
 

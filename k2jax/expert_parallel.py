@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from k2jax import moe, sharding
+from k2jax.kernels.gmm_xla import num_experts
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
 DISPATCHES = ("allgather", "all_to_all")
@@ -32,7 +33,13 @@ _IMPLS = {"ep": "allgather", "ep_a2a": "all_to_all"}
 
 
 def _local_expert_count(experts: dict) -> int:
-  return experts["gate_edf"].shape[0]
+  return num_experts(experts["down_efd"])
+
+
+def _local_view(experts: dict) -> dict:
+  """Inside shard_map: the per-expert layout's local [1, K, N] arrays as [K, N] (a bitcast: each product
+  reads its expert's matrix in place); stacks as they are."""
+  return {k: tuple(a[0] for a in w) if isinstance(w, tuple) else w for k, w in experts.items()}
 
 
 def _run_sorted(x_sd: jax.Array, src_m: jax.Array, local_e_m: jax.Array, experts: dict,
@@ -51,6 +58,7 @@ def _run_sorted(x_sd: jax.Array, src_m: jax.Array, local_e_m: jax.Array, experts
 # --- dispatch: all-gather + reduce-scatter --------------------------------------------------------
 
 def _allgather_body(x_td, weights_tk, experts_tk, experts, *, tokens_split: bool, tensor: bool):
+  experts = _local_view(experts)
   if tokens_split:  # the tokens of the whole `expert` group, in shard order
     x_td, weights_tk, experts_tk = (jax.lax.all_gather(a, EXPERT_AXIS, tiled=True)
                                     for a in (x_td, weights_tk, experts_tk))
@@ -102,6 +110,7 @@ def _ragged_all_to_all(*args, axis_name, emulate: bool):
 
 
 def _all_to_all_body(x_td, weights_tk, experts_tk, experts, *, n: int, tensor: bool, emulate: bool):
+  experts = _local_view(experts)
   T, K = experts_tk.shape
   E = _local_expert_count(experts)
   M = T * K
@@ -145,12 +154,38 @@ def _with_expert(target) -> tuple[str, ...]:
 
 
 def _expert_specs(experts: dict, tensor: bool) -> dict:
-  """Leading axis over `expert`; F over `tensor` when split. INT4 pytrees report their own layout."""
+  """Leading axis over `expert`; F over `tensor` when split. INT4 pytrees report their own layout; the
+  per-expert layout (`split_experts`) is a tuple of [n, K, N] arrays, each over `expert`."""
   f = TENSOR_AXIS if tensor else None
   logical = {"gate_edf": P(EXPERT_AXIS, None, f), "up_edf": P(EXPERT_AXIS, None, f),
              "down_efd": P(EXPERT_AXIS, f, None)}
-  return {k: (w.partition_specs(logical[k]) if hasattr(w, "partition_specs") else logical[k])
+  return {k: (tuple(P(EXPERT_AXIS) for _ in w) if isinstance(w, tuple)
+              else w.partition_specs(logical[k]) if hasattr(w, "partition_specs") else logical[k])
           for k, w in experts.items()}
+
+
+def split_experts(experts: dict, mesh: Mesh) -> dict:
+  """The routed experts per expert for a mesh with `expert` > 1 (CPU inference): `moe.split_experts`'s
+  layout of E/n arrays [n, K, N] (element j: every shard's local expert j), each placed with its leading
+  axis over `expert`, so that each device holds its own experts' matrices as separate buffers and the
+  grouped-matmul loops read them in place. Call under jit; stacks sharded over `expert` split without
+  moving any data."""
+  n = mesh.shape[EXPERT_AXIS]
+  out = moe.split_experts(experts, n)
+  if out is experts:  # INT4 stays stacked
+    return experts
+  placed = jax.sharding.NamedSharding(mesh, P(EXPERT_AXIS))
+  return {k: tuple(jax.lax.with_sharding_constraint(a, placed) for a in w) for k, w in out.items()}
+
+
+def _total_experts(experts: dict, n: int) -> int:
+  w = experts["down_efd"]
+  if not isinstance(w, tuple):
+    return w.shape[0]
+  if w[0].shape[0] != n:
+    raise ValueError(f"per-expert weights laid out for {w[0].shape[0]} expert shards, but the mesh's expert "
+                     f"axis has {n}")
+  return len(w) * n
 
 
 def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh: Mesh,
@@ -165,11 +200,12 @@ def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh
     raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
   rules = sharding.DEFAULT_RULES if rules is None else rules
   n = mesh.shape.get(EXPERT_AXIS, 1)
-  E = experts["gate_edf"].shape[0]
+  E = _total_experts(experts, n)
   if E % n:
     raise ValueError(f"{E} experts do not split evenly over expert axis of size {n}")
-  F = experts["gate_edf"].shape[-1]
-  tensor = mesh.shape.get(TENSOR_AXIS, 1) > 1 and F % mesh.shape[TENSOR_AXIS] == 0
+  per_expert = isinstance(experts["down_efd"], tuple)  # F stays whole: the layout is for CPU meshes
+  F = experts["down_efd"].shape[-2] if not per_expert else 0
+  tensor = not per_expert and mesh.shape.get(TENSOR_AXIS, 1) > 1 and F % mesh.shape[TENSOR_AXIS] == 0
   token_axes = _token_axes(mesh, rules, x_td.shape[0])
   tokens_split = EXPERT_AXIS in token_axes
   if dispatch == "all_to_all" and tokens_split:

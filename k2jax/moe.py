@@ -62,16 +62,27 @@ def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dty
   return jnp.where(valid_m[:, None], y_md, jnp.zeros_like(y_md))
 
 
-def split_experts(experts: dict) -> dict:
+def split_experts(experts: dict, shards: int = 1) -> dict:
   """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays, gate and up concatenated
   (`gate_up_edf`: [D, 2F] each) (decoding on CPU, where `dispatch.split_experts_for_decode` says so: each
   product then reads its expert's matrix in place instead of a copy sliced out of the stack, and gate and
-  up are one product). INT4 weights stay stacked."""
+  up are one product). INT4 weights stay stacked.
+
+  `shards` > 1 (the experts split over that many devices, shard i owning experts i*E/n ... (i+1)*E/n - 1,
+  as `expert_parallel` splits them): E/n arrays [n, K, N] instead, element j stacking every shard's local
+  expert j, to be placed with the leading axis over the devices (`expert_parallel.split_experts`)."""
   if any(isinstance(w, QuantizedWeight) for w in experts.values()):
     return experts
   gate, up, down = experts["gate_edf"], experts["up_edf"], experts["down_efd"]
-  return {"gate_up_edf": tuple(jnp.concatenate([gate[e], up[e]], axis=-1) for e in range(gate.shape[0])),
-          "down_efd": tuple(down[e] for e in range(down.shape[0]))}
+  if shards == 1:
+    return {"gate_up_edf": tuple(jnp.concatenate([gate[e], up[e]], axis=-1) for e in range(gate.shape[0])),
+            "down_efd": tuple(down[e] for e in range(down.shape[0]))}
+  E = gate.shape[0]
+  if E % shards:
+    raise ValueError(f"{E} experts do not split evenly over {shards} devices")
+  local = E // shards
+  per_local = lambda w: tuple(w.reshape(shards, local, *w.shape[1:])[:, j] for j in range(local))
+  return {"gate_up_edf": per_local(jnp.concatenate([gate, up], axis=-1)), "down_efd": per_local(down)}
 
 
 def routed_experts(x_td: jax.Array, r: Routing, experts: dict) -> jax.Array:

@@ -45,6 +45,21 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+# Inference on a CPU mesh with `expert` > 1: the devices share one host's memory and cores, so only the
+# routed experts are split (each device runs its own experts' loops on its own thread) and the batch is
+# split over the same devices where it divides; every other weight is replicated (a CPU device reads it
+# in place, where a sharded one would be gathered on every step).
+CPU_INFERENCE_RULES: dict[str, str | tuple[str, ...] | None] = {
+    **{name: None for name in DEFAULT_RULES}, "batch": ("data", "fsdp", "expert"), "expert": "expert"}
+
+
+def inference_rules(mesh) -> dict:
+  """The rules the engine runs under on `mesh`: `CPU_INFERENCE_RULES` on a CPU mesh with `expert` > 1
+  (the expert-parallel CPU path), else `DEFAULT_RULES`."""
+  cpu_ep = mesh is not None and mesh_platform(mesh) == "cpu" and dict(mesh.shape).get("expert", 1) > 1
+  return dict(CPU_INFERENCE_RULES if cpu_ep else DEFAULT_RULES)
+
+
 class MeshError(ValueError):
   """A mesh spec is malformed or does not fit the devices."""
 

@@ -57,3 +57,40 @@ def test_train_step_expert_parallel_matches_single_device(tmp_path):
     np.testing.assert_allclose(sharded[-1][key], single[-1][key], rtol=1e-5, err_msg=key)
   saved = {d: json.loads((tmp_path / d / "config.json").read_text())["moe_impl"] for d in ("single", "ep")}
   assert saved == {"single": "ragged", "ep": "ep"}
+
+
+@pytest.mark.parametrize("batch", [4, 1])
+def test_engine_on_a_two_device_cpu_expert_mesh_matches_one_device(monkeypatch, batch):
+  """CPU inference over `expert:2`: per-layer weights, each device's experts as per-expert arrays read in
+  place, the rest replicated, the batch split where it divides (4) or replicated (1); prefill logits and
+  greedy decoding equal the one-device engine's."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from k2jax.kernels import dispatch  # noqa: PLC0415
+  monkeypatch.setattr(dispatch, "SPLIT_EXPERT_MIN_ELEMENTS", 1)  # the tiny experts take the per-expert path
+  c = presets.TINY
+  p = params_lib.init_params(c, jax.random.key(5))
+  rng = np.random.default_rng(batch)
+  prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in (9, 5, 12, 7)[:batch]]
+  one = Engine(p, c, max_len=32, cache_dtype=jnp.float32)
+  want_logits = np.asarray(one.prefill(prompts)[0])
+  want = one.generate(prompts, 6)
+  mesh = sharding.make_mesh("expert:2", jax.devices()[:2])
+  rules = sharding.inference_rules(mesh)
+  with sharding.use_mesh(mesh, rules):
+    two = Engine(sharding.place_params(p, c, mesh, rules), c, max_len=32, cache_dtype=jnp.float32,
+                 moe_impl=sharding.choose_moe_impl(mesh))
+    experts = two._decode_params()["moe_layers"][0]["moe"]["experts"]
+    got_logits = np.asarray(two.prefill(prompts)[0])
+    got = two.generate(prompts, 6)
+  # element j holds local expert j of each device: [2, K, N], one [1, K, N] shard per device
+  assert len(experts["down_efd"]) == c.n_routed_experts // 2
+  w = experts["gate_up_edf"][1]
+  assert w.shape == (2, c.hidden_size, 2 * c.moe_intermediate_size)
+  assert w.sharding.spec[0] == "expert" and {s.data.shape[0] for s in w.addressable_shards} == {1}
+  gate_up = np.concatenate([p["moe_layers"]["moe"]["experts"]["gate_edf"][0],
+                            p["moe_layers"]["moe"]["experts"]["up_edf"][0]], axis=-1)
+  np.testing.assert_array_equal(np.asarray(w), gate_up[[1, 1 + c.n_routed_experts // 2]])
+  scale = np.abs(want_logits).max()
+  np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=1e-5 * scale)
+  assert got.tokens == want.tokens
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-4, atol=1e-5)
