@@ -60,11 +60,24 @@ def _median(fn, repeats):
 
 
 def infer_k2jax(args) -> dict:
-  import jax  # noqa: PLC0415
+  import contextlib  # noqa: PLC0415
+  from k2jax import sharding  # noqa: PLC0415
+  sharding.set_cpu_devices(args.k2jax_mesh)  # before JAX starts: `--k2jax_mesh=expert:2` is two CPU devices
   import k2jax  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
   model = k2jax.from_hf(args.ckpt)
-  engine = Engine(model.param_tree(), model.config, max_len=PROMPT + NEW + 16)
+  params, mesh = model.param_tree(), None
+  if args.k2jax_mesh:
+    mesh = sharding.make_mesh(args.k2jax_mesh)
+    rules = sharding.inference_rules(mesh)
+    params = sharding.place_params(params, model.config, mesh, rules)
+  engine = Engine(params, model.config, max_len=PROMPT + NEW + 16, moe_impl=sharding.choose_moe_impl(mesh))
+  with sharding.use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext():
+    return _infer_k2jax_cells(engine, args)
+
+
+def _infer_k2jax_cells(engine, args) -> dict:
+  import jax  # noqa: PLC0415
   res = {}
   for batch in BATCHES:
     prompts = _prompts(batch).tolist()
@@ -185,6 +198,9 @@ def main():
                   help="run every side this many times, alternating (a new process each), and take the median "
                        "per cell: on a shared machine, so that load drifts hit every side alike")
   ap.add_argument("--sides", default="", help="comma-separated subset of the sides (default: all of the phases')")
+  ap.add_argument("--k2jax_mesh", default="",
+                  help="k2jax inference on a device mesh, e.g. expert:2 (two CPU devices, the routed experts "
+                       "split between them), set up in the k2jax side's own process; default one device")
   ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
   ap.add_argument("--ckpt", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -194,7 +210,7 @@ def main():
     return
 
   common = [f"--width={args.width}", f"--repeats={args.repeats}", f"--train_steps={args.train_steps}",
-            f"--train_batch={args.train_batch}"]
+            f"--train_batch={args.train_batch}", f"--k2jax_mesh={args.k2jax_mesh}"]
   phases = args.only.split(",")
   res = {}
   with tempfile.TemporaryDirectory() as ckpt:
@@ -215,8 +231,9 @@ def main():
       for k, v in got.items():
         res.setdefault(f"{side.split('_')[0]}:{k}", []).append(v)
   res = {k: statistics.median(v) for k, v in res.items()}
+  mesh = f"; k2jax inference on mesh {args.k2jax_mesh}" if args.k2jax_mesh else ""
   print(f"# width={args.width} (d={c.hidden_size}, {c.num_hidden_layers} layers, {c.n_routed_experts} experts "
-        f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}); {_versions()}; {os.cpu_count()} CPUs")
+        f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}); {_versions()}; {os.cpu_count()} CPUs{mesh}")
   print("| width | cell | k2jax tok/s | HF tok/s | ratio |")
   cells = [(f"prefill b{b}", f"prefill_{b}", b * PROMPT) for b in BATCHES if b == 8]
   cells += [(f"decode b{b}", f"decode_{b}", b * NEW) for b in BATCHES]

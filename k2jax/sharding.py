@@ -330,11 +330,43 @@ def describe_moe_impl(impl: str, mesh) -> str:
 
 
 def mesh_from_flags() -> Mesh:
-  """Joins the other hosts if asked to, then builds the `--mesh`. Call before any other JAX work."""
+  """Joins the other hosts if asked to, then builds the `--mesh` (on one host, with as many CPU devices
+  as it names: `set_cpu_devices`). Call before any other JAX work."""
   from absl import flags  # noqa: PLC0415
   define_mesh_flag()
-  maybe_initialize_distributed(flags.FLAGS.distributed)
+  if not maybe_initialize_distributed(flags.FLAGS.distributed):
+    set_cpu_devices(flags.FLAGS.mesh)
   return make_mesh(flags.FLAGS.mesh)
+
+
+def set_cpu_devices(spec: str | None) -> bool:
+  """Gives JAX's CPU backend the devices a mesh spec that fixes every axis names (`"expert:2"`: two).
+
+  XLA:CPU runs a program's loops on one thread; with one CPU device per core and the routed experts
+  split over them (`--mesh=expert:2`), each device runs its own experts' loops on its own core. The count
+  must be set before JAX starts its backends: afterwards (or for a spec with -1, or none) this does
+  nothing and `make_mesh` says whether the spec fits the devices there are. Accelerator backends are not
+  affected. True if it set the count."""
+  if spec is None or spec.strip() in ("", "auto") or "-1" in spec or jax.distributed.is_initialized():
+    return False
+  n = _spec_product(spec)
+  parse_mesh_spec(spec, n)  # a malformed spec fails here, with its own message
+  if n <= 1:
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # the backends are up already
+    return False
+  return True
+
+
+def check_mesh_fits_model(mesh, config) -> None:
+  """A one-line MeshError where the mesh's `expert` axis does not divide the model's routed experts."""
+  n = dict(mesh.shape).get("expert", 1) if mesh is not None else 1
+  experts = getattr(config, "n_routed_experts", 0)
+  if n > 1 and experts % n:
+    raise MeshError(f"mesh {format_mesh(mesh)}: the expert axis ({n}) does not divide the model's "
+                    f"{experts} routed experts")
 
 
 def moe_impl_from_flags(mesh, default: str | None = None) -> str:

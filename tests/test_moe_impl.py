@@ -38,12 +38,18 @@ def test_generate_cli_runs_expert_parallel_with_single_device_ids(tmp_path):
   want = Engine(p, c, max_len=32).generate(prompts, 6, stop_ids=[c.eos_token_id]).tokens
   ids = ";".join(",".join(map(str, pr)) for pr in prompts)
   res = subprocess.run([sys.executable, "-m", "k2jax.infer.generate", f"--hf_dir={tmp_path}", f"--prompt_ids={ids}",
-                        "--max_new_tokens=6", "--output=ids", "--mesh=expert:4,fsdp:2", "--max_len=32"],
+                        "--max_new_tokens=6", "--output=ids", "--mesh=expert:2,fsdp:2", "--max_len=32"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  # The process has 8 fake CPU devices (XLA_FLAGS); the mesh's 4 replace them (`set_cpu_devices`).
   assert res.returncode == 0, res.stderr[-2000:]
-  assert "moe_impl: ep (expert-parallel over expert:4" in res.stderr
+  assert "moe_impl: ep (expert-parallel over expert:2" in res.stderr
   got = [[int(t) for t in line.split(",")] for line in res.stdout.strip().splitlines()]
   assert got == [list(map(int, row)) for row in want]
+  bad = subprocess.run([sys.executable, "-m", "k2jax.infer.generate", f"--hf_dir={tmp_path}", "--prompt_ids=3,4",
+                        "--output=ids", "--mesh=expert:3"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert "the expert axis (3) does not divide the model's 8 routed experts" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_train_step_expert_parallel_matches_single_device(tmp_path):

@@ -173,7 +173,8 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
       if engine is None or setting.rl_step != loaded_step:
         params = models(setting.rl_step)
         if mesh is not None:
-          params = sharding.place_params(params, config, mesh)
+          sharding.check_mesh_fits_model(mesh, config)
+          params = sharding.place_params(params, config, mesh, sharding.inference_rules(mesh))
         if engine is None:
           engine = Engine(params, config, max_len=cfg.max_len, moe_impl=moe_impl)
           generate = sweep.Generator(engine, tokenizer, batch_size=cfg.batch_size,
@@ -261,7 +262,7 @@ def main(argv) -> None:
   try:
     mesh = sharding.mesh_from_flags() if FLAGS.mesh else None
     moe_impl = sharding.moe_impl_from_flags(mesh)
-    with sharding.use_mesh(mesh) if mesh is not None else _null():
+    with sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else _null():
       results = run(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, hf_dir=FLAGS.hf_dir, axes=axes,
                     mesh=mesh, moe_impl=moe_impl)
   except SweepError as e:
