@@ -45,12 +45,15 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-# Inference on a CPU mesh with `expert` > 1: the devices share one host's memory and cores, so only the
-# routed experts are split (each device runs its own experts' loops on its own thread) and the batch is
-# split over the same devices where it divides; every other weight is replicated (a CPU device reads it
-# in place, where a sharded one would be gathered on every step).
+# Inference on a CPU mesh with `expert` > 1: the devices share one host's memory and cores. The routed
+# experts are split over `expert` (each device runs its own experts' loops on its own core: XLA:CPU runs a
+# program's loops on one thread), and the dense parts are split tensor-parallel over the same devices
+# (heads, MLP hidden, vocab), so that each device reads its share of every weight once per decode step. A
+# batch split instead would have each device stream all the dense weights for its rows (decoding is bound
+# by those reads: twice the CPU time of one device in all), and a batch of one could not split at all.
 CPU_INFERENCE_RULES: dict[str, str | tuple[str, ...] | None] = {
-    **{name: None for name in DEFAULT_RULES}, "batch": ("data", "fsdp", "expert"), "expert": "expert"}
+    **{name: None for name in DEFAULT_RULES}, "batch": ("data", "fsdp"), "expert": "expert",
+    "heads": ("tensor", "expert"), "mlp": ("tensor", "expert"), "vocab": ("tensor", "expert")}
 
 
 def inference_rules(mesh) -> dict:

@@ -68,8 +68,8 @@ def test_train_step_expert_parallel_matches_single_device(tmp_path):
 @pytest.mark.parametrize("batch", [4, 1])
 def test_engine_on_a_two_device_cpu_expert_mesh_matches_one_device(monkeypatch, batch):
   """CPU inference over `expert:2`: per-layer weights, each device's experts as per-expert arrays read in
-  place, the rest replicated, the batch split where it divides (4) or replicated (1); prefill logits and
-  greedy decoding equal the one-device engine's."""
+  place (tokens split over the devices where they divide, else replicated), the dense parts tensor-parallel
+  (`sharding.CPU_INFERENCE_RULES`); prefill logits and greedy decoding equal the one-device engine's."""
   import jax.numpy as jnp  # noqa: PLC0415
   from k2jax.kernels import dispatch  # noqa: PLC0415
   monkeypatch.setattr(dispatch, "SPLIT_EXPERT_MIN_ELEMENTS", 1)  # the tiny experts take the per-expert path
@@ -96,6 +96,8 @@ def test_engine_on_a_two_device_cpu_expert_mesh_matches_one_device(monkeypatch, 
   gate_up = np.concatenate([p["moe_layers"]["moe"]["experts"]["gate_edf"][0],
                             p["moe_layers"]["moe"]["experts"]["up_edf"][0]], axis=-1)
   np.testing.assert_array_equal(np.asarray(w), gate_up[[1, 1 + c.n_routed_experts // 2]])
+  q_b = two._decode_params()["moe_layers"][0]["attn"]["q_b_rnq"]  # heads split over the same devices
+  assert {s.data.shape[1] for s in q_b.addressable_shards} == {c.num_attention_heads // 2}
   scale = np.abs(want_logits).max()
   np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=1e-5 * scale)
   assert got.tokens == want.tokens
