@@ -176,6 +176,8 @@ def _walk_rows(lhs, start, end, tiers, products, out):
   top = tiers[0]
   whole = (end - start) // top
   out = lax.fori_loop(0, whole, lambda j, o: block(start + j * top, top, o, inside=True), out)
+  if top == 1:  # one row at a time (decode): the whole blocks cover the group, no covering block's loop
+    return out
   row0, left = start + whole * top, end - start - whole * top
   for rows, smaller in zip(tiers, tiers[1:] + (0,)):
     once = ((left > smaller) & (left <= rows)).astype(jnp.int32)
