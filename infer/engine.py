@@ -81,15 +81,16 @@ class Engine:
     self.prefill_chunk = prefill_chunk
     # (params, expert mesh, the same per layer), see `_decode_params`
     self._per_layer: tuple[dict, object, dict] | None = None
+    self._first_device: tuple[dict, dict] | None = None  # (params, prefill's on a CPU expert mesh)
     # Tokens run through prefill (after prefix reuse and de-duplication), for benchmarks and logs.
     self.stats = {"prefill_tokens": 0}
 
-  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-  def _prefill(self, params, tokens_bt, segment_ids_bt, cache, logits_bv):
+  @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(4,))
+  def _prefill(self, params, tokens_bt, segment_ids_bt, cache, logits_bv, moe_impl: str):
     """One chunk appended to the cache; rows whose prompt ends in this chunk take its last logits."""
     n_b = segment_ids_bt.sum(1)
     out = model_lib.forward(params, self.config, tokens_bt, segment_ids_bt=segment_ids_bt, cache=cache,
-                            moe_impl=self.moe_impl, logits_at_b=jnp.maximum(n_b - 1, 0))
+                            moe_impl=moe_impl, logits_at_b=jnp.maximum(n_b - 1, 0))
     return jnp.where((n_b > 0)[:, None], out.logits[:, 0], logits_bv), out.cache
 
   @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(3,))
@@ -147,6 +148,19 @@ class Engine:
     split = isinstance(moe_layers, tuple) and "gate_up_edf" in moe_layers[0]["moe"]["experts"]
     return params if split else self.params
 
+  def _first_device_params(self, mesh) -> dict:
+    """On a CPU expert mesh, the weights prefill runs on: one device's copy in the one-device decode
+    layout (per layer, experts per expert). A prefill's dense products already use every core on one
+    device; on the mesh they would add collectives and a second thread pool on the same cores (8 x 128
+    tokens at the small width: 0.79x), while decoding gains from the mesh. Made once per parameter tree."""
+    if self._first_device is None or self._first_device[0] is not self.params:
+      moe_layers = self.params.get("moe_layers", {})
+      split = (not isinstance(moe_layers, tuple) and "moe" in moe_layers
+               and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
+      one = jax.device_put(self.params, mesh.devices.flat[0])
+      self._first_device = (self.params, _per_layer_params(one, split, None))
+    return self._first_device[1]
+
   def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
               ) -> tuple[jax.Array, model_lib.Cache]:
     """Logits after each prompt [B, V] and the filled cache (`prefix` is read, never changed)."""
@@ -178,19 +192,30 @@ class Engine:
     suffixes = [p[k:] for p, k in zip(uprompts, keep)]
     self.stats["prefill_tokens"] += sum(len(x) for x in suffixes)
     logits = jnp.zeros((len(uprompts), self.config.vocab_size), jnp.float32)
+    mesh = self._expert_mesh()
+    if mesh is None:
+      logits, cache = self._prefill_chunks(self._prefill_params(), suffixes, cache, logits, self.moe_impl)
+    else:  # CPU expert mesh: prefill on its first device, decode on the mesh (`_first_device_params`)
+      params, first = self._first_device_params(mesh), mesh.devices.flat[0]
+      with sharding.use_mesh(sharding.make_mesh("fsdp:1", [first])):
+        logits, cache = self._prefill_chunks(params, suffixes, jax.device_put(cache, first),
+                                             jax.device_put(logits, first), "ragged")
+      logits, cache = jax.device_put((logits, cache), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if len(uprompts) < len(prompts):
+      logits, cache = logits[src], _take_rows(cache, src, np.asarray(cache.lengths)[src])
+    return logits, cache
+
+  def _prefill_chunks(self, params, suffixes, cache, logits, moe_impl: str):
     longest = max(len(x) for x in suffixes)
-    params = self._prefill_params()
     for c0 in range(0, longest, self.prefill_chunk):
       T = _bucket(min(self.prefill_chunk, longest - c0), self.max_len)
-      tokens = np.zeros((len(uprompts), T), np.int32)
-      seg = np.zeros((len(uprompts), T), np.int32)
+      tokens = np.zeros((len(suffixes), T), np.int32)
+      seg = np.zeros((len(suffixes), T), np.int32)
       for u, x in enumerate(suffixes):
         piece = x[c0:c0 + self.prefill_chunk]
         tokens[u, :len(piece)] = piece
         seg[u, :len(piece)] = 1
-      logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(seg), cache, logits)
-    if len(uprompts) < len(prompts):
-      logits, cache = logits[src], _take_rows(cache, src, np.asarray(cache.lengths)[src])
+      logits, cache = self._prefill(params, jnp.asarray(tokens), jnp.asarray(seg), cache, logits, moe_impl)
     return logits, cache
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

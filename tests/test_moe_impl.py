@@ -88,6 +88,10 @@ def test_engine_on_a_two_device_cpu_expert_mesh_matches_one_device(monkeypatch, 
     experts = two._decode_params()["moe_layers"][0]["moe"]["experts"]
     got_logits = np.asarray(two.prefill(prompts)[0])
     got = two.generate(prompts, 6)
+    # prefill ran on the mesh's first device, in the one-device layout (decode ran on the mesh)
+    first = two._first_device_params(mesh)["moe_layers"][0]["moe"]["experts"]["gate_up_edf"][1]
+  assert first.devices() == {mesh.devices.flat[0]}
+  assert first.shape == (c.hidden_size, 2 * c.moe_intermediate_size)
   # element j holds local expert j of each device: [2, K, N], one [1, K, N] shard per device
   assert len(experts["down_efd"]) == c.n_routed_experts // 2
   w = experts["gate_up_edf"][1]
