@@ -278,7 +278,9 @@ def define_mesh_flag(default: str | None = None) -> None:
   from absl import flags  # noqa: PLC0415
   if "mesh" not in flags.FLAGS:
     flags.DEFINE_string("mesh", default, "Device mesh, e.g. 'data:2,fsdp:-1,expert:4,tensor:1' (axes "
-                        f"{', '.join(MESH_AXES)}; -1 takes the rest). Default: every device on fsdp.")
+                        f"{', '.join(MESH_AXES)}; -1 takes the rest). Default: every device on fsdp. On a CPU "
+                        "host a spec without -1 makes that many CPU devices: 'expert:2' decodes with the routed "
+                        "experts split over two cores.")
   if "moe_impl" not in flags.FLAGS:
     flags.DEFINE_enum("moe_impl", "auto", list(MOE_IMPLS),
                       "Routed-expert implementation. 'auto': expert-parallel when the mesh has expert > 1 "
