@@ -28,12 +28,13 @@ def main():
   ap.add_argument("--rounds", type=int, default=7, help="timed rounds per cell (median), after a warm-up")
   args = ap.parse_args()
 
+  from k2jax import sharding  # noqa: PLC0415
+  sharding.set_cpu_devices(f"expert:{args.devices}")  # before JAX starts its backend
   import jax  # noqa: PLC0415
-  jax.config.update("jax_num_cpu_devices", args.devices)
   import numpy as np  # noqa: PLC0415
 
   from benchmarks.widths import width_config  # noqa: PLC0415
-  from k2jax import params as params_lib, sharding  # noqa: PLC0415
+  from k2jax import params as params_lib  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
 
   c = width_config(args.width)
@@ -41,9 +42,8 @@ def main():
   mesh = sharding.make_mesh(f"expert:{args.devices}")
   rules = sharding.inference_rules(mesh)
   one = Engine(params, c, max_len=PROMPT + NEW + 16)
-  with sharding.use_mesh(mesh, rules):
-    split = Engine(sharding.place_params(params, c, mesh, rules), c, max_len=PROMPT + NEW + 16,
-                   moe_impl=sharding.choose_moe_impl(mesh))
+  split = Engine(sharding.place_for_inference(params, c, mesh), c, max_len=PROMPT + NEW + 16,
+                 moe_impl=sharding.choose_moe_impl(mesh))
   engines = {"1 device": (one, lambda: sharding.use_mesh(sharding.make_mesh("fsdp:1", jax.devices()[:1]))),
              f"{args.devices} devices": (split, lambda: sharding.use_mesh(mesh, rules))}
 

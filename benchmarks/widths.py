@@ -69,10 +69,9 @@ def infer_k2jax(args) -> dict:
   params, mesh = model.param_tree(), None
   if args.k2jax_mesh:
     mesh = sharding.make_mesh(args.k2jax_mesh)
-    rules = sharding.inference_rules(mesh)
-    params = sharding.place_params(params, model.config, mesh, rules)
+    params = sharding.place_for_inference(params, model.config, mesh)
   engine = Engine(params, model.config, max_len=PROMPT + NEW + 16, moe_impl=sharding.choose_moe_impl(mesh))
-  with sharding.use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext():
+  with sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else contextlib.nullcontext():
     return _infer_k2jax_cells(engine, args)
 
 

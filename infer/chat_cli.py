@@ -86,16 +86,14 @@ def main(argv):
     tok = cli_common.load_tokenizer(FLAGS.hf_dir, config, FLAGS.checkpoint)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  sharding.check_mesh_fits_model(mesh, config)
-  rules = sharding.inference_rules(mesh)
-  params = sharding.place_params(params, config, mesh, rules)
+  params = sharding.place_for_inference(params, config, mesh)
   engine = Engine(params, config, max_len=FLAGS.context + FLAGS.max_new_tokens, moe_impl=moe_impl)
   sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
   # Heavy mode decodes many rows at once: no streaming, the attempts are shown when they are done.
   policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, sampling, FLAGS.think_budget,
                         on_token=None if FLAGS.heavy else _Printer(tok))
   messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
-  with sharding.use_mesh(mesh, rules):
+  with sharding.use_mesh(mesh, sharding.inference_rules(mesh)):
     (_heavy_loop if FLAGS.heavy else _loop)(policy, tools, messages, policy.count_tokens)
 
 

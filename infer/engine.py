@@ -122,9 +122,7 @@ class Engine:
       return self.params
     mesh = self._expert_mesh()
     if self._per_layer is None or self._per_layer[0] is not self.params or self._per_layer[1] != mesh:
-      moe_layers = self.params.get("moe_layers", {})
-      split = ((self.moe_impl == "ragged" or mesh is not None) and not isinstance(moe_layers, tuple)
-               and "moe" in moe_layers and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
+      split = (self.moe_impl == "ragged" or mesh is not None) and _splits_experts(self.params)
       self._per_layer = (self.params, mesh, _per_layer_params(self.params, split, mesh))
     return self._per_layer[2]
 
@@ -154,11 +152,8 @@ class Engine:
     device; on the mesh they would add collectives and a second thread pool on the same cores (8 x 128
     tokens at the small width: 0.79x), while decoding gains from the mesh. Made once per parameter tree."""
     if self._first_device is None or self._first_device[0] is not self.params:
-      moe_layers = self.params.get("moe_layers", {})
-      split = (not isinstance(moe_layers, tuple) and "moe" in moe_layers
-               and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
       one = jax.device_put(self.params, mesh.devices.flat[0])
-      self._first_device = (self.params, _per_layer_params(one, split, None))
+      self._first_device = (self.params, _per_layer_params(one, _splits_experts(self.params), None))
     return self._first_device[1]
 
   def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
@@ -280,6 +275,13 @@ class Engine:
     stop = set(int(i) for i in stop_ids)
     reasons = ["stop" if toks and toks[-1] in stop else "length" for toks in out]
     return Generation(out, reasons, [len(p) for p in prompts], np.asarray(state.used_b).tolist(), out_logp)
+
+
+def _splits_experts(params: dict) -> bool:
+  """Whether the per-layer tree holds the routed experts per expert (`dispatch.split_experts_for_decode`)."""
+  moe_layers = params.get("moe_layers", {})
+  return (not isinstance(moe_layers, tuple) and "moe" in moe_layers
+          and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -106,11 +106,9 @@ def main(argv):
     longest += FLAGS.heavy * (FLAGS.max_new_tokens + 16) + 128
   max_len = FLAGS.max_len or longest + FLAGS.max_new_tokens + 16
   start = time.perf_counter()
-  sharding.check_mesh_fits_model(mesh, config)
-  rules = sharding.inference_rules(mesh)
-  with sharding.use_mesh(mesh, rules):
-    engine = Engine(sharding.place_params(params, config, mesh, rules), config, max_len=max_len,
-                    moe_impl=moe_impl)
+  params = sharding.place_for_inference(params, config, mesh)
+  with sharding.use_mesh(mesh, sharding.inference_rules(mesh)):
+    engine = Engine(params, config, max_len=max_len, moe_impl=moe_impl)
     try:
       if FLAGS.heavy:
         outputs, n_generated = _heavy(engine, tok, sampling), None

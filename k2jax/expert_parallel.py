@@ -203,9 +203,9 @@ def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh
   E = _total_experts(experts, n)
   if E % n:
     raise ValueError(f"{E} experts do not split evenly over expert axis of size {n}")
-  per_expert = isinstance(experts["down_efd"], tuple)  # F stays whole: the layout is for CPU meshes
-  F = experts["down_efd"].shape[-2] if not per_expert else 0
-  tensor = not per_expert and mesh.shape.get(TENSOR_AXIS, 1) > 1 and F % mesh.shape[TENSOR_AXIS] == 0
+  # F is split over `tensor` where it divides; the per-expert layout (CPU meshes) keeps it whole.
+  tensor = (not isinstance(experts["down_efd"], tuple) and mesh.shape.get(TENSOR_AXIS, 1) > 1
+            and experts["down_efd"].shape[-2] % mesh.shape[TENSOR_AXIS] == 0)
   token_axes = _token_axes(mesh, rules, x_td.shape[0])
   tokens_split = EXPERT_AXIS in token_axes
   if dispatch == "all_to_all" and tokens_split:

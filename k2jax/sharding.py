@@ -365,6 +365,12 @@ def set_cpu_devices(spec: str | None) -> bool:
   return True
 
 
+def place_for_inference(tree, config, mesh):
+  """Parameters placed for the engine on `mesh` (`inference_rules`), after `check_mesh_fits_model`."""
+  check_mesh_fits_model(mesh, config)
+  return place_params(tree, config, mesh, inference_rules(mesh))
+
+
 def check_mesh_fits_model(mesh, config) -> None:
   """A one-line MeshError where the mesh's `expert` axis does not divide the model's routed experts."""
   n = dict(mesh.shape).get("expert", 1) if mesh is not None else 1

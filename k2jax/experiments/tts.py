@@ -173,8 +173,7 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
       if engine is None or setting.rl_step != loaded_step:
         params = models(setting.rl_step)
         if mesh is not None:
-          sharding.check_mesh_fits_model(mesh, config)
-          params = sharding.place_params(params, config, mesh, sharding.inference_rules(mesh))
+          params = sharding.place_for_inference(params, config, mesh)
         if engine is None:
           engine = Engine(params, config, max_len=cfg.max_len, moe_impl=moe_impl)
           generate = sweep.Generator(engine, tokenizer, batch_size=cfg.batch_size,
