@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +49,20 @@ def dense_weight(w):
   return w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
 
 
-def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dtype=None) -> jax.Array:
+def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dtype=None, tail: bool = True
+               ) -> jax.Array:
   """SwiGLU of rows sorted by (local) expert; rows past sum(group_sizes) come out as zeros.
 
   The one place the expert weights are used (the dense reference aside), through the backend's grouped
   matmuls (`dispatch.grouped_swiglu`), so any weight format they accept (dense, INT4, or per-expert tuples
   from `split_experts`) works here, on one device or expert-parallel.
   `out_dtype` (default x's): fp32 for partial sums that are reduced afterwards (F split over devices).
+  `tail` False: the caller knows every row is in a group (nothing to zero).
   """
   gate, up = (experts["gate_up_edf"], None) if "gate_up_edf" in experts else (experts["gate_edf"], experts["up_edf"])
   y_md = dispatch.grouped_swiglu(x_md, gate, up, experts["down_efd"], group_sizes_e, out_dtype=out_dtype)
+  if not tail:
+    return y_md
   valid_m = jnp.arange(x_md.shape[0]) < group_sizes_e.sum()
   return jnp.where(valid_m[:, None], y_md, jnp.zeros_like(y_md))
 
@@ -85,15 +90,57 @@ def split_experts(experts: dict, shards: int = 1) -> dict:
   return {"gate_up_edf": per_local(jnp.concatenate([gate, up], axis=-1)), "down_efd": per_local(down)}
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sort_rows(x_td, order_m, inv_m, k: int):
+  """x_td[order // k]: each token's row once per chosen expert, in expert order. The gradient gathers
+  the rows back by the inverse permutation and sums each token's k, instead of a scatter-add (a serial
+  loop over the rows on XLA:CPU)."""
+  return x_td[order_m // k]
+
+
+def _sort_rows_fwd(x_td, order_m, inv_m, k):
+  return _sort_rows(x_td, order_m, inv_m, k), (order_m, inv_m, x_td.shape[0])
+
+
+def _sort_rows_bwd(k, res, g_md):
+  order_m, inv_m, t = res
+  g_td = g_md[inv_m].reshape(t, k, -1).astype(jnp.float32).sum(1).astype(g_md.dtype)
+  return g_td, None, None
+
+
+_sort_rows.defvjp(_sort_rows_fwd, _sort_rows_bwd)
+
+
+@jax.custom_vjp
+def _unsort_rows(y_md, order_m, inv_m):
+  """y_md[inv]: rows back in (token, choice) order; the transpose of a permutation's gather is the gather
+  by its inverse (not a scatter)."""
+  return y_md[inv_m]
+
+
+def _unsort_rows_fwd(y_md, order_m, inv_m):
+  return y_md[inv_m], (order_m, inv_m)
+
+
+def _unsort_rows_bwd(res, g_md):
+  return g_md[res[0]], None, None
+
+
+_unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
+
+
 def routed_experts(x_td: jax.Array, r: Routing, experts: dict) -> jax.Array:
-  """Dropless: sort the T*K (token, expert) pairs by expert, grouped matmuls, unsort, combine in fp32."""
+  """Dropless: sort the T*K (token, expert) pairs by expert, grouped matmuls, unsort, combine in fp32.
+  Sorting and unsorting are gathers both ways (forward and gradient), by the order and its inverse."""
   T, K = r.experts_tk.shape
   E = num_experts(experts["down_efd"])
   flat_e = r.experts_tk.reshape(-1)
-  order = jnp.argsort(flat_e, stable=True)
+  order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
+  inv = jnp.zeros_like(order).at[order].set(jnp.arange(T * K, dtype=jnp.int32), unique_indices=True)
   group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
-  y_md = expert_mlp(x_td[order // K], experts, group_sizes)
-  y_tkd = jnp.zeros_like(y_md).at[order].set(y_md).reshape(T, K, -1)
+  # Every row belongs to a group here (sum(group_sizes) = T * K): no tail to zero.
+  y_md = expert_mlp(_sort_rows(x_td, order, inv, K), experts, group_sizes, tail=False)
+  y_tkd = _unsort_rows(y_md, order, inv).reshape(T, K, -1)
   out = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), r.weights_tk)
   return out.astype(x_td.dtype)
 

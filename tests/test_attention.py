@@ -161,3 +161,28 @@ def test_write_latent_keeps_earlier_entries_near_the_end_of_the_cache():
   want[1, 0, 8:10] = new[0, :2]
   want[1, 1, 1:4] = new[1, :3]
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_no_qlora"])
+def test_absorbed_prefill_with_folded_weights_equals_per_head_attention(preset):
+  """64 tokens per row into an empty cache: W_UK goes into the query weight (the q-LoRA up-projection, or
+  the single projection) and W_UV into the output weight; the output, max logits and cached latents equal
+  the per-head path's."""
+  from k2jax import attention, rope
+  c = presets.get(preset)
+  T = 64
+  assert attention.absorbed_folds(c, 2 * T) == (True, True)
+  assert attention.absorbed_folds(c, 2) == (False, False)  # decode steps
+  assert attention.absorbed_folds(presets.K2_THINKING, 1 << 16) == (False, False)  # C = 512 > nope = 128
+  p = jax.tree.map(lambda a: a[0], params_lib.init_params(c, jax.random.key(0), jnp.float32)["moe_layers"])["attn"]
+  x = jax.random.normal(jax.random.key(1), (2, T, c.hidden_size))
+  seg = jnp.array([[1] * T, [1] * 50 + [0] * 14])
+  index = jnp.broadcast_to(jnp.arange(T), (2, T))
+  cos, sin = rope.cos_sin(c, index, x.dtype)
+  cache = [jnp.zeros((2, 2, 80, d)) for d in (c.kv_lora_rank, c.qk_rope_head_dim)]
+  got, m1, cache_c, _ = attention.mla_absorbed(p, x, c, cos, sin, Mask(seg, index), *cache, 1, jnp.zeros(2, jnp.int32))
+  want, m2 = attention.mla(p, x, c, cos, sin, Mask(seg, index, seg), "plain")
+  valid = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(m1, m2, rtol=1e-5)
+  np.testing.assert_allclose(cache_c[1, :, :T][valid], attention.latent(p, x, c, cos, sin)[0][valid], rtol=1e-6)

@@ -76,17 +76,18 @@ def test_ragged_experts_equal_dense_reference_values_and_grads(dtype):
   x = jax.random.normal(jax.random.key(1), (50, c.hidden_size), dtype)
   r = moe.route(x, layer["moe"]["router_de"], layer["moe"]["router_bias_e"], c)
 
-  def loss(experts, impl):
+  def loss(experts, x, impl):
     return jnp.sum(jnp.sin(impl(x, r, experts).astype(jnp.float32)))
 
   ex = layer["moe"]["experts"]
   a, b = moe.routed_experts(x, r, ex), moe.routed_experts_dense(x, r, ex)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   assert rel_err(a, b) <= tol
-  ga = jax.grad(loss)(ex, moe.routed_experts)
-  gb = jax.grad(loss)(ex, moe.routed_experts_dense)
-  for k in ga:
-    assert rel_err(ga[k].astype(jnp.float32), gb[k].astype(jnp.float32)) <= tol
+  # Gradients for the weights and for x (rows sorted and unsorted by gathers both ways, `_sort_rows`).
+  ga = jax.grad(loss, argnums=(0, 1))(ex, x, moe.routed_experts)
+  gb = jax.grad(loss, argnums=(0, 1))(ex, x, moe.routed_experts_dense)
+  for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    assert rel_err(u.astype(jnp.float32), v.astype(jnp.float32)) <= tol
 
 
 def test_packed_sequences_equal_separate_forwards():

@@ -146,6 +146,38 @@ def write_latent(cache_lbsx: jax.Array, new_btx: jax.Array, layer, start_b: jax.
   return cache_lbsx.at[layer, rows_bt, pos_bt].set(upd_btx, mode="promise_in_bounds")
 
 
+def absorbed_folds(c: K2Config, tokens: int) -> tuple[bool, bool]:
+  """(fold W_UK into the query weight, fold W_UV into the output weight) for an absorbed step over
+  `tokens` query tokens: each where it costs fewer multiply-adds at this many tokens, the fold itself
+  (once per call, on the weights) included. Folded, the query's latent and the output come out of one 2-D
+  matmul each instead of a per-head batched product (and its transposed copies on XLA:CPU): a prefill at
+  the small benchmark width folds both; decode steps and K2's shapes (C = 512 > nope = 128) fold neither."""
+  N, k, h, C, D = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank, c.hidden_size
+  r = c.q_lora_rank or D
+  fold_q = tokens * N * r * C + r * N * k * C < tokens * N * k * (r + C)
+  fold_o = tokens * N * C * D + N * C * h * D < tokens * N * h * (C + D)
+  return fold_q, fold_o
+
+
+def _absorbed_queries(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, w_uk_cnk, fold: bool):
+  """(q_lat [B, T, N, C] = q_nope . W_UK per head, roped q_pe [B, T, N, P]); `fold`: q_lat straight from
+  the query input through W_q[..., :nope] . W_UK^T, one [r, N * C] matmul."""
+  nope = c.qk_nope_head_dim
+  if not fold:
+    q_btnq = constrain(queries(p, x_btd, c), ("batch", "seq", "heads", "qk_head"))
+    q_lat = jnp.einsum("btnk,cnk->btnc", q_btnq[..., :nope], w_uk_cnk)
+    return q_lat, rope.apply_rope(q_btnq[..., nope:], cos_btp, sin_btp)
+  if "q_a_dr" in p:
+    q_in, w_rnq = rms_norm(project(x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps), p["q_b_rnq"]
+  else:
+    q_in, w_rnq = x_btd, p["q_dnq"]
+  w_rnc = jnp.einsum("rnk,cnk->rnc", w_rnq[..., :nope], w_uk_cnk,
+                     preferred_element_type=jnp.float32).astype(w_rnq.dtype)
+  heads = ("batch", "seq", "heads", "qk_head")
+  q_pe = rope.apply_rope(constrain(project(q_in, w_rnq[..., nope:]), heads), cos_btp, sin_btp)
+  return constrain(project(q_in, w_rnc), heads), q_pe
+
+
 def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask,
                  cache_c_lbsc: jax.Array, cache_pe_lbsp: jax.Array, layer, start_b: jax.Array,
                  impl: str = "flash"):
@@ -155,17 +187,24 @@ def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask:
   values per layer instead of 2 x heads x 128+ for per-head K/V. Same math as `mla`, reassociated: one
   key/value (the latent) shared by every head. The cache is the whole stack [L, B, S, .] and `layer` the
   layer's index, so a step writes and reads only its own rows and, blockwise, only the filled length.
+  With many tokens (prefill) W_UK and W_UV also go into the projections' weights (`absorbed_folds`).
   Returns (output [B, T, D], max logit [N], updated cache c stack, updated cache k_pe stack).
   """
   nope = c.qk_nope_head_dim
-  q_nope, q_pe, c_btc, k_pe_btp = _project(p, x_btd, c, cos_btp, sin_btp)
+  B, T, _ = x_btd.shape
+  fold_q, fold_o = absorbed_folds(c, B * T)
+  w_uk_cnk, w_uv_cnh = p["kv_b_cnu"][..., :nope], p["kv_b_cnu"][..., nope:]
+  q_lat_btnc, q_pe = _absorbed_queries(p, x_btd, c, cos_btp, sin_btp, w_uk_cnk, fold_q)
+  c_btc, k_pe_btp = latent(p, x_btd, c, cos_btp, sin_btp)
   valid_bt = mask.q_seg_bt != 0
   cache_c_lbsc = write_latent(cache_c_lbsc, c_btc, layer, start_b, valid_bt)
   cache_pe_lbsp = write_latent(cache_pe_lbsp, k_pe_btp, layer, start_b, valid_bt)
-  w_uk_cnk, w_uv_cnh = p["kv_b_cnu"][..., :nope], p["kv_b_cnu"][..., nope:]
-  q_lat_btnc = jnp.einsum("btnk,cnk->btnc", q_nope, w_uk_cnk)
   o_lat_btnc, max_logit_n = attend((q_lat_btnc, q_pe), (cache_c_lbsc, cache_pe_lbsp), cache_c_lbsc, mask,
                                    c.softmax_scale, impl, layer=layer)
-  out_btnh = jnp.einsum("btnc,cnh->btnh", o_lat_btnc.astype(x_btd.dtype), w_uv_cnh)
-  out_btd = project(out_btnh, p["o_nhd"], 2)
+  o_lat_btnc = o_lat_btnc.astype(x_btd.dtype)
+  if fold_o:
+    w_ncd = jnp.einsum("cnh,nhd->ncd", w_uv_cnh, p["o_nhd"], preferred_element_type=jnp.float32)
+    out_btd = project(o_lat_btnc, w_ncd.astype(p["o_nhd"].dtype), 2)
+  else:
+    out_btd = project(jnp.einsum("btnc,cnh->btnh", o_lat_btnc, w_uv_cnh), p["o_nhd"], 2)
   return out_btd, max_logit_n, cache_c_lbsc, cache_pe_lbsp
