@@ -56,6 +56,9 @@ def decode_trace(engine: Engine, c, prompts, reps: int):
 
   @jax.jit
   def steps(params, cache, token_b):
+    if isinstance(params.get("moe_layers"), tuple):  # per-layer weights: the cache per layer too, as the engine
+      cache = model_lib.unstack_cache(cache)
+
     def step(_, carry):
       cache, token_b = carry
       out = model_lib.forward(params, c, token_b[:, None], cache=cache)

@@ -107,9 +107,15 @@ class Engine:
       return (state, out.cache, tokens_nb.at[i].set(state.token_b), logprobs_nb.at[i].set(state.logprob_b),
               valid_nb.at[i].set(state.valid_b))
 
+    # Over per-layer weights the cache goes per layer too (`model.unstack_cache`): one copy per chunk
+    # instead of a copy of each layer's keys per token.
+    per_layer = any(isinstance(params.get(k), tuple) for k in ("dense_layers", "moe_layers"))
+    if per_layer:
+      cache = model_lib.unstack_cache(cache)
     shape = (chunk, state.token_b.shape[0])
     init = (state, cache, jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool))
-    return jax.lax.fori_loop(0, n_steps, step, init)
+    state, cache, *outs = jax.lax.fori_loop(0, n_steps, step, init)
+    return state, model_lib.stack_cache(cache) if per_layer else cache, *outs
 
   def _decode_params(self) -> dict:
     """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
@@ -143,7 +149,7 @@ class Engine:
     scan compiles one layer."""
     params = self._decode_params()
     moe_layers = params.get("moe_layers")
-    split = isinstance(moe_layers, tuple) and "gate_up_edf" in moe_layers[0]["moe"]["experts"]
+    split = isinstance(moe_layers, tuple) and isinstance(moe_layers[0]["moe"]["experts"]["down_efd"], tuple)
     return params if split else self.params
 
   def _first_device_params(self, mesh) -> dict:

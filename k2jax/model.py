@@ -36,14 +36,29 @@ class Output:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Cache:
-  """The MLA latent cache: per layer stack, normed latent c [L, B, S, C] and roped k_pe [L, B, S, P]."""
+  """The MLA latent cache: per layer stack, normed latent c [L, B, S, C] and roped k_pe [L, B, S, P]; or,
+  for decoding over per-layer weights (`unstack_cache`), tuples of L per-layer arrays [B, S, .]."""
   c_kv: dict
   k_pe: dict
   lengths: jax.Array  # [B] int32: tokens already in the cache, per sequence
 
   @property
   def max_len(self) -> int:
-    return next(iter(self.c_kv.values())).shape[2]
+    a = next(iter(self.c_kv.values()))
+    return (a[0] if isinstance(a, tuple) else a).shape[-2]
+
+
+def unstack_cache(cache: Cache) -> Cache:
+  """Each layer stack of the cache as a tuple of per-layer arrays, for `forward` over per-layer weights
+  (`unstack_layers`). On XLA:CPU a layer's attention then reads its keys in place: out of a stack, every
+  layer copied its [B, S, .] slice on every token. `stack_cache` undoes it."""
+  split = lambda stacks: {k: tuple(a[l] for l in range(a.shape[0])) for k, a in stacks.items()}
+  return Cache(split(cache.c_kv), split(cache.k_pe), cache.lengths)
+
+
+def stack_cache(cache: Cache) -> Cache:
+  join = lambda stacks: {k: jnp.stack(a) if isinstance(a, tuple) else a for k, a in stacks.items()}
+  return Cache(join(cache.c_kv), join(cache.k_pe), cache.lengths)
 
 
 def init_cache(c: K2Config, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
@@ -103,12 +118,26 @@ def _run_stack(c: K2Config, stack: dict | tuple, is_moe: bool, h_btd, stack_cach
   if REMAT_POLICIES[remat] is not None:
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
   if isinstance(stack, tuple):
-    outs = []
+    per_layer_cache = stack_cache is not None and isinstance(stack_cache[0], tuple)
+    outs, new_caches = [], []
     for layer, p in enumerate(stack):
-      h_btd, (*ys, new_cache) = body(h_btd, p, None if stack_cache is None else (*stack_cache, layer), *ctx)
-      stack_cache = None if stack_cache is None else tuple(new_cache)
+      if stack_cache is None:
+        layer_cache = None
+      elif per_layer_cache:  # one layer's own arrays (`unstack_cache`)
+        layer_cache = (stack_cache[0][layer], stack_cache[1][layer], None)
+      else:
+        layer_cache = (*stack_cache, layer)
+      h_btd, (*ys, new_cache) = body(h_btd, p, layer_cache, *ctx)
+      if per_layer_cache:
+        new_caches.append(tuple(new_cache))
+      elif stack_cache is not None:
+        stack_cache = tuple(new_cache)
       outs.append(tuple(ys))
+    if per_layer_cache:
+      stack_cache = tuple(zip(*new_caches))
     return h_btd, (*jax.tree.map(lambda *a: jnp.stack(a), *outs), stack_cache)
+  if stack_cache is not None and isinstance(stack_cache[0], tuple):
+    raise ValueError("a per-layer cache (`unstack_cache`) needs per-layer weights (`unstack_layers`)")
   if stack_cache is None:
     def step(h, p):
       h, (max_logit_n, load_e, aux, _) = body(h, p, None, *ctx)

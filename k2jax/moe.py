@@ -68,10 +68,11 @@ def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dty
 
 
 def split_experts(experts: dict, shards: int = 1) -> dict:
-  """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays, gate and up concatenated
-  (`gate_up_edf`: [D, 2F] each) (decoding on CPU, where `dispatch.split_experts_for_decode` says so: each
-  product then reads its expert's matrix in place instead of a copy sliced out of the stack, and gate and
-  up are one product). INT4 weights stay stacked.
+  """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays (decoding on CPU, where
+  `dispatch.split_experts_for_decode` says so: each product then reads its expert's matrix in place
+  instead of a copy sliced out of the stack), gate and up concatenated (`gate_up_edf`: [D, 2F] each, one
+  product) while that fits a core's cache (`dispatch.join_gate_up_for_decode`), else apart (`gate_edf`,
+  `up_edf`). INT4 weights stay stacked.
 
   `shards` > 1 (the experts split over that many devices, shard i owning experts i*E/n ... (i+1)*E/n - 1,
   as `expert_parallel` splits them): E/n arrays [n, K, N] instead, element j stacking every shard's local
@@ -79,15 +80,17 @@ def split_experts(experts: dict, shards: int = 1) -> dict:
   if any(isinstance(w, QuantizedWeight) for w in experts.values()):
     return experts
   gate, up, down = experts["gate_edf"], experts["up_edf"], experts["down_efd"]
-  if shards == 1:
-    return {"gate_up_edf": tuple(jnp.concatenate([gate[e], up[e]], axis=-1) for e in range(gate.shape[0])),
-            "down_efd": tuple(down[e] for e in range(down.shape[0]))}
   E = gate.shape[0]
   if E % shards:
     raise ValueError(f"{E} experts do not split evenly over {shards} devices")
   local = E // shards
-  per_local = lambda w: tuple(w.reshape(shards, local, *w.shape[1:])[:, j] for j in range(local))
-  return {"gate_up_edf": per_local(jnp.concatenate([gate, up], axis=-1)), "down_efd": per_local(down)}
+  if shards == 1:
+    per_local = lambda w: tuple(w[e] for e in range(E))
+  else:
+    per_local = lambda w: tuple(w.reshape(shards, local, *w.shape[1:])[:, j] for j in range(local))
+  if dispatch.join_gate_up_for_decode(gate):
+    return {"gate_up_edf": per_local(jnp.concatenate([gate, up], axis=-1)), "down_efd": per_local(down)}
+  return {"gate_edf": per_local(gate), "up_edf": per_local(up), "down_efd": per_local(down)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -118,6 +118,10 @@ SPLIT_EXPERT_MIN_ELEMENTS = 1 << 14
 # per expert, product and layer, so its compile time grows with E x layers (the medium benchmark width's
 # 64 experts x 11 layers: ~7 s more per decode program; K2's 384 x 60 would take minutes).
 SPLIT_EXPERT_MAX_BRANCHES = 1024
+# Per expert, gate and up are joined as one [K, 2N] matrix (one product per row) while it fits a core's
+# L2 (2 MB on the benchmark machine); past that they stay apart and an expert's rows go through each
+# matrix in turn, so its later rows find it in L2 instead of streaming it again (`gmm_xla.swiglu`).
+JOIN_GATE_UP_MAX_BYTES = 2 << 20
 
 
 def split_experts_for_decode(w, backend: str | None = None) -> bool:
@@ -136,6 +140,11 @@ def split_experts_for_decode(w, backend: str | None = None) -> bool:
 
 # The TPU flash kernels keep one head's whole keys and values (forward, dQ) in VMEM, double-buffered.
 TPU_ATTENTION_KV_BYTES = 8 << 20
+
+
+def join_gate_up_for_decode(w_gate) -> bool:
+  """Whether per-expert decode weights (`moe.split_experts`) hold gate and up as one matrix [K, 2N]."""
+  return 2 * w_gate.shape[-2] * w_gate.shape[-1] * w_gate.dtype.itemsize <= JOIN_GATE_UP_MAX_BYTES
 
 
 def flash_attention_impl(seq_len: int = 0, qk_dim: int = 0, v_dim: int = 0, itemsize: int = 4, *,

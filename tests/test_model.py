@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax import model as model_lib, moe, params, presets, rope
+from k2jax import attention, model as model_lib, moe, params, presets, rope
 from k2jax.config import RopeConfig
 from hf_reference import rel_err
 
@@ -106,25 +106,39 @@ def test_packed_sequences_equal_separate_forwards():
   assert float(out.expert_load.sum()) == pytest.approx(15 * c.num_experts_per_tok * c.num_moe_layers)
 
 
-def test_unstacked_layers_equal_scanned_stack():
+def test_unstacked_layers_equal_scanned_stack(monkeypatch):
   from k2jax.kernels import dispatch
   assert dispatch.unstack_layers_for_decode("cpu") and not dispatch.unstack_layers_for_decode("tpu")
   c = presets.TINY
   p = params.init_params(c, jax.random.key(4))
   toks = np.random.default_rng(5).integers(0, c.vocab_size, (2, 7))
-  cache = model_lib.init_cache(c, 2, 12, jnp.float32)
+  # Longer than one key bucket: attention reads the filled keys only (`attention._filled_keys_tile`).
+  cache = model_lib.init_cache(c, 2, attention.CACHE_KEY_BUCKET + 12, jnp.float32)
   f = jax.jit(lambda p, cache: model_lib.forward(p, c, toks, cache=cache))
   per_layer = model_lib.unstack_layers(p)
-  # The routed experts as tuples of per-expert arrays too (the engine's decode weights on CPU).
-  per_expert = dict(per_layer, moe_layers=tuple({**l, "moe": {**l["moe"], "experts": moe.split_experts(
+  # The routed experts as tuples of per-expert arrays too (the engine's decode weights on CPU), gate and
+  # up joined per expert, or apart where the joined matrix would not fit the core's cache.
+  per_expert = lambda: dict(per_layer, moe_layers=tuple({**l, "moe": {**l["moe"], "experts": moe.split_experts(
       l["moe"]["experts"])}} for l in per_layer["moe_layers"]))
+  joined = per_expert()
+  monkeypatch.setattr(dispatch, "JOIN_GATE_UP_MAX_BYTES", 0)
+  apart = per_expert()
+  assert "gate_up_edf" in joined["moe_layers"][0]["moe"]["experts"]
+  assert isinstance(apart["moe_layers"][0]["moe"]["experts"]["up_edf"], tuple)
   a = f(p, cache)
-  for b in (f(per_layer, cache), f(per_expert, cache)):
+  # Over per-layer weights the cache may be per layer as well (the engine's decode chunks).
+  unstacked = f(apart, model_lib.unstack_cache(cache))
+  assert isinstance(unstacked.cache.c_kv["moe_layers"], tuple)
+  unstacked.cache = model_lib.stack_cache(unstacked.cache)
+  for b in (f(per_layer, cache), f(joined, cache), unstacked):
     assert rel_err(b.logits, a.logits) <= 1e-6
     assert rel_err(b.max_attn_logits["moe_layers"], a.max_attn_logits["moe_layers"]) <= 1e-6
     np.testing.assert_array_equal(b.expert_load, a.expert_load)
     assert rel_err(b.cache.c_kv["moe_layers"], a.cache.c_kv["moe_layers"]) <= 1e-6
+    assert rel_err(b.cache.k_pe["dense_layers"], a.cache.k_pe["dense_layers"]) <= 1e-6
   assert float(jnp.abs(a.cache.c_kv["moe_layers"][:, :, :7]).min()) > 0  # the cache was written
+  with pytest.raises(ValueError, match="per-layer cache"):
+    model_lib.forward(p, c, toks, cache=model_lib.unstack_cache(cache))
 
 
 def test_positions_from_segments():

@@ -82,23 +82,29 @@ def attend(q_parts, k_parts, v, mask: Mask, scale: float, impl: str = "flash", l
     if kind == "pallas" and (layer is None or platform == "gpu"):
       return _pallas(q_parts, k_parts, v, mask, scale, platform, interpret, layer)
     return flash_attention(q_parts, k_parts, v, mask, scale, layer=layer)
+  if impl == "flash" and mask.k_seg_bs is None and S > CACHE_KEY_BUCKET:  # a cache: keys are its slots
+    return _filled_keys_tile(q_parts, k_parts, v, mask, scale, layer)
   if layer is not None:
-    if impl == "flash" and mask.k_seg_bs is None and S > CACHE_KEY_BUCKET:
-      return _filled_keys_tile(q_parts, k_parts, v, mask, scale, layer)
     k_parts, v = [k[layer] for k in k_parts], v[layer]
   return reference_attention(q_parts, k_parts, v, mask, scale)
 
 
 def _filled_keys_tile(q_parts, k_parts, v, mask: Mask, scale: float, layer):
-  """One tile over layer `layer` of a cache stack, reading keys [0, n) only: n is the filled length (the
-  largest valid query index + 1) rounded up to a multiple of CACHE_KEY_BUCKET, one switch branch per
-  length, so a prefill into a longer cache does not score its empty slots (they are masked either way)."""
-  S = v.shape[2]
+  """One tile over a cache (layer `layer` of a stack, or one layer's own arrays when `layer` is None),
+  reading keys [0, n) only: n is the filled length (the largest valid query index + 1) rounded up to a
+  multiple of CACHE_KEY_BUCKET, one switch branch per length, so a prefill into a longer cache does not
+  score its empty slots (they are masked either way). A layer's own arrays are read in place at n = S."""
+  S = v.shape[1 if layer is None else 2]
   lengths = [*range(CACHE_KEY_BUCKET, S, CACHE_KEY_BUCKET), S]
+
+  def keys(x, n):
+    if layer is not None:
+      return x[layer, :, :n]
+    return x if n == S else x[:, :n]
 
   def tile(n):
     return lambda q_parts, k_parts, v: reference_attention(
-        q_parts, [k[layer, :, :n] for k in k_parts], v[layer, :, :n], mask, scale)
+        q_parts, [keys(k, n) for k in k_parts], keys(v, n), mask, scale)
 
   filled = jnp.max(jnp.where(mask.q_seg_bt != 0, mask.q_index_bt, 0)) + 1
   branch = jnp.clip((filled - 1) // CACHE_KEY_BUCKET, 0, len(lengths) - 1)
@@ -127,23 +133,24 @@ def mla(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask, im
 
 def write_latent(cache_lbsx: jax.Array, new_btx: jax.Array, layer, start_b: jax.Array,
                  valid_bt: jax.Array) -> jax.Array:
-  """Writes each row's valid new latents into layer `layer` of a cache stack at the row's own offset.
+  """Writes each row's valid new latents into layer `layer` of a cache stack (or into one layer's own
+  cache [B, S, .] when `layer` is None) at the row's own offset.
 
   Each row rewrites a window of T slots that always lies inside the cache (slots not written keep their
   contents), so padded tokens are never clamped onto earlier entries, and the update is an in-place
   scatter of B x T slots: a masked or out-of-bounds write would make XLA select over the whole cache.
   """
   B, T = valid_bt.shape
-  S = cache_lbsx.shape[2]
+  S = cache_lbsx.shape[-2]
   s0_b = jnp.clip(start_b, 0, S - T)
   pos_bt = s0_b[:, None] + jnp.arange(T)
   t_bt = pos_bt - start_b[:, None]  # which new token lands in each window slot
   keep_bt = (t_bt >= 0) & jnp.take_along_axis(valid_bt, jnp.clip(t_bt, 0, T - 1), axis=1)
   new_btx = jnp.take_along_axis(new_btx, jnp.clip(t_bt, 0, T - 1)[..., None], axis=1)
   rows_bt = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  old_btx = cache_lbsx[layer, rows_bt, pos_bt]
-  upd_btx = jnp.where(keep_bt[..., None], new_btx.astype(cache_lbsx.dtype), old_btx)
-  return cache_lbsx.at[layer, rows_bt, pos_bt].set(upd_btx, mode="promise_in_bounds")
+  at = (rows_bt, pos_bt) if layer is None else (layer, rows_bt, pos_bt)
+  upd_btx = jnp.where(keep_bt[..., None], new_btx.astype(cache_lbsx.dtype), cache_lbsx[at])
+  return cache_lbsx.at[at].set(upd_btx, mode="promise_in_bounds")
 
 
 def absorbed_folds(c: K2Config, tokens: int) -> tuple[bool, bool]:
@@ -186,8 +193,9 @@ def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask:
   Only the normed latent c (kv_lora_rank) and the roped k_pe (rope dim) are cached per token: for K2 576
   values per layer instead of 2 x heads x 128+ for per-head K/V. Same math as `mla`, reassociated: one
   key/value (the latent) shared by every head. The cache is the whole stack [L, B, S, .] and `layer` the
-  layer's index, so a step writes and reads only its own rows and, blockwise, only the filled length.
-  With many tokens (prefill) W_UK and W_UV also go into the projections' weights (`absorbed_folds`).
+  layer's index, so a step writes and reads only its own rows and, blockwise, only the filled length; or,
+  with `layer` None, the layer's own arrays [B, S, .] (`model.unstack_cache`). With many tokens (prefill)
+  W_UK and W_UV also go into the projections' weights (`absorbed_folds`).
   Returns (output [B, T, D], max logit [N], updated cache c stack, updated cache k_pe stack).
   """
   nope = c.qk_nope_head_dim
