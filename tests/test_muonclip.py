@@ -90,6 +90,25 @@ def test_newton_schulz_in_groups_equals_whole_stack(monkeypatch):
   assert float(jnp.abs(grouped - newton_schulz5(a[:1])[0]).max()) > 0.1  # each matrix normalised alone
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_and_newton_schulz_in_groups_equal_separate_passes(monkeypatch, nesterov):
+  """On CPU a stack's momentum, Nesterov direction and Newton-Schulz run in one loop over groups, stored
+  in place: the same numbers as the plain expressions over the whole stack, fp32 and bf16."""
+  from k2jax.train import muonclip as muonclip_mod
+  rng = np.random.default_rng(3)
+  m, g = (jnp.asarray(rng.normal(size=(2, 5, 40, 24)), jnp.float32) for _ in range(2))
+  new_m = 0.95 * m + g
+  pre = g + 0.95 * new_m if nesterov else new_m
+  monkeypatch.setattr(muonclip_mod, "NS_CPU_GROUP_BYTES", 4 * 40 * 24 * 3)  # groups of 3, remainder 1
+  fused = jax.jit(muonclip_mod.momentum_newton_schulz5, static_argnums=(2, 3, 4, 5, 6))
+  for dtype in ("float32", "bfloat16"):
+    whole = muonclip_mod._newton_schulz5(pre.reshape(10, 40, 24), 5, muonclip_mod.NS_EPS, dtype)
+    got_m, got = fused(m, g, 0.95, nesterov, 5, muonclip_mod.NS_EPS, dtype)
+    np.testing.assert_array_equal(got_m, new_m)
+    np.testing.assert_allclose(got, whole.reshape(pre.shape), rtol=1e-5, atol=1e-5 if dtype == "float32" else 2e-3)
+    assert float(jnp.abs(got - pre).max()) > 0.1  # orthogonalised, not passed through
+
+
 def test_newton_schulz_bf16_input_and_zero():
   o = newton_schulz5(jnp.ones((8, 12), jnp.bfloat16))
   assert o.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o)))
