@@ -180,8 +180,9 @@ def test_absorbed_prefill_with_folded_weights_equals_per_head_attention(preset):
   index = jnp.broadcast_to(jnp.arange(T), (2, T))
   cos, sin = rope.cos_sin(c, index, x.dtype)
   cache = [jnp.zeros((2, 2, 80, d)) for d in (c.kv_lora_rank, c.qk_rope_head_dim)]
-  got, m1, cache_c, _ = attention.mla_absorbed(p, x, c, cos, sin, Mask(seg, index), *cache, 1, jnp.zeros(2, jnp.int32))
-  want, m2 = attention.mla(p, x, c, cos, sin, Mask(seg, index, seg), "plain")
+  got, m1, cache_c, _ = jax.jit(lambda p, x: attention.mla_absorbed(p, x, c, cos, sin, Mask(seg, index), *cache, 1,
+                                                                    jnp.zeros(2, jnp.int32)))(p, x)
+  want, m2 = jax.jit(lambda p, x: attention.mla(p, x, c, cos, sin, Mask(seg, index, seg), "plain"))(p, x)
   valid = np.asarray(seg != 0)
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(m1, m2, rtol=1e-5)
