@@ -129,7 +129,11 @@ class Engine:
     mesh = self._expert_mesh()
     if self._per_layer is None or self._per_layer[0] is not self.params or self._per_layer[1] != mesh:
       split = (self.moe_impl == "ragged" or mesh is not None) and _splits_experts(self.params)
-      self._per_layer = (self.params, mesh, _per_layer_params(self.params, split, mesh))
+      # Decided here, not while tracing: the jitted split is cached by shapes.
+      join = split and dispatch.join_gate_up_for_decode(
+          self.params["moe_layers"]["moe"]["experts"]["gate_edf"],
+          1 if mesh is None else mesh.shape[expert_parallel.EXPERT_AXIS])
+      self._per_layer = (self.params, mesh, _per_layer_params(self.params, split, mesh, join))
     return self._per_layer[2]
 
   def _expert_mesh(self):
@@ -290,12 +294,12 @@ def _splits_experts(params: dict) -> bool:
           and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _per_layer_params(params: dict, split_experts: bool, expert_mesh=None) -> dict:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _per_layer_params(params: dict, split_experts: bool, expert_mesh=None, join: bool = True) -> dict:
   out = model_lib.unstack_layers(params)
   if split_experts and "moe_layers" in out:
-    split = (moe.split_experts if expert_mesh is None
-             else functools.partial(expert_parallel.split_experts, mesh=expert_mesh))
+    split = (functools.partial(moe.split_experts, join=join) if expert_mesh is None
+             else functools.partial(expert_parallel.split_experts, mesh=expert_mesh, join=join))
     out["moe_layers"] = tuple({**p, "moe": {**p["moe"], "experts": split(p["moe"]["experts"])}}
                               for p in out["moe_layers"])
   return out

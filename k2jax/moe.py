@@ -67,12 +67,12 @@ def expert_mlp(x_md: jax.Array, experts: dict, group_sizes_e: jax.Array, out_dty
   return jnp.where(valid_m[:, None], y_md, jnp.zeros_like(y_md))
 
 
-def split_experts(experts: dict, shards: int = 1) -> dict:
+def split_experts(experts: dict, shards: int = 1, join: bool | None = None) -> dict:
   """Dense routed-expert stacks [E, K, N] as tuples of E per-expert arrays (decoding on CPU, where
   `dispatch.split_experts_for_decode` says so: each product then reads its expert's matrix in place
   instead of a copy sliced out of the stack), gate and up concatenated (`gate_up_edf`: [D, 2F] each, one
-  product) while that fits a core's cache (`dispatch.join_gate_up_for_decode`), else apart (`gate_edf`,
-  `up_edf`). INT4 weights stay stacked.
+  product) unless `dispatch.join_gate_up_for_decode` (or `join`) says apart (`gate_edf`, `up_edf`). INT4
+  weights stay stacked.
 
   `shards` > 1 (the experts split over that many devices, shard i owning experts i*E/n ... (i+1)*E/n - 1,
   as `expert_parallel` splits them): E/n arrays [n, K, N] instead, element j stacking every shard's local
@@ -88,7 +88,9 @@ def split_experts(experts: dict, shards: int = 1) -> dict:
     per_local = lambda w: tuple(w[e] for e in range(E))
   else:
     per_local = lambda w: tuple(w.reshape(shards, local, *w.shape[1:])[:, j] for j in range(local))
-  if dispatch.join_gate_up_for_decode(gate):
+  if join is None:
+    join = dispatch.join_gate_up_for_decode(gate, shards)
+  if join:
     return {"gate_up_edf": per_local(jnp.concatenate([gate, up], axis=-1)), "down_efd": per_local(down)}
   return {"gate_edf": per_local(gate), "up_edf": per_local(up), "down_efd": per_local(down)}
 

@@ -228,9 +228,11 @@ def test_dispatch_swiglu_routes_like_grouped_matmul():
   assert not dispatch.split_experts_for_decode(jax.ShapeDtypeStruct((60, 384, 512, 256), jnp.float32), "cpu")
   assert not dispatch.split_experts_for_decode(jnp.zeros((4, 64, 32)), "cpu")
   assert not dispatch.split_experts_for_decode(jnp.zeros((4, 512, 256)), "tpu")
-  # gate | up per expert: joined while it fits a core's L2 ([512, 512] fp32, 1 MB), else apart (2.4 MB)
-  assert dispatch.join_gate_up_for_decode(s((32, 512, 256), jnp.float32))
-  assert not dispatch.join_gate_up_for_decode(s((64, 1024, 288), jnp.float32))
+  # gate | up per expert: on an expert mesh joined while it fits a core's L2 ([512, 512] fp32, 1 MB), else
+  # apart (2.4 MB); on one device joined
+  assert dispatch.join_gate_up_for_decode(s((32, 512, 256), jnp.float32), 2)
+  assert not dispatch.join_gate_up_for_decode(s((64, 1024, 288), jnp.float32), 2)
+  assert dispatch.join_gate_up_for_decode(s((64, 1024, 288), jnp.float32))
 
 
 def test_full_size_shapes_are_static():

@@ -106,7 +106,7 @@ def test_packed_sequences_equal_separate_forwards():
   assert float(out.expert_load.sum()) == pytest.approx(15 * c.num_experts_per_tok * c.num_moe_layers)
 
 
-def test_unstacked_layers_equal_scanned_stack(monkeypatch):
+def test_unstacked_layers_equal_scanned_stack():
   from k2jax.kernels import dispatch
   assert dispatch.unstack_layers_for_decode("cpu") and not dispatch.unstack_layers_for_decode("tpu")
   c = presets.TINY
@@ -118,11 +118,9 @@ def test_unstacked_layers_equal_scanned_stack(monkeypatch):
   per_layer = model_lib.unstack_layers(p)
   # The routed experts as tuples of per-expert arrays too (the engine's decode weights on CPU), gate and
   # up joined per expert, or apart where the joined matrix would not fit the core's cache.
-  per_expert = lambda: dict(per_layer, moe_layers=tuple({**l, "moe": {**l["moe"], "experts": moe.split_experts(
-      l["moe"]["experts"])}} for l in per_layer["moe_layers"]))
-  joined = per_expert()
-  monkeypatch.setattr(dispatch, "JOIN_GATE_UP_MAX_BYTES", 0)
-  apart = per_expert()
+  per_expert = lambda join: dict(per_layer, moe_layers=tuple({**l, "moe": {**l["moe"], "experts": moe.split_experts(
+      l["moe"]["experts"], join=join)}} for l in per_layer["moe_layers"]))
+  joined, apart = per_expert(None), per_expert(False)
   assert "gate_up_edf" in joined["moe_layers"][0]["moe"]["experts"]
   assert isinstance(apart["moe_layers"][0]["moe"]["experts"]["up_edf"], tuple)
   a = f(p, cache)
