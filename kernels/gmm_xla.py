@@ -273,10 +273,6 @@ def _gmm_fwd(lhs, w, group_sizes, block, out_dtype):
 def _gmm_bwd(block, out_dtype, res, dout):
   lhs, w, group_sizes = res
   dlhs = _gmm_loop(dout, w, group_sizes, block, lhs.dtype, transpose_rhs=True)
-  # dW's operand takes a data dependency on dlhs (a zero XLA cannot fold: it fuses into tgmm's gathers).
-  # Otherwise nothing orders the first MoE layer's dlhs, the stacks' last read, before the optimizer's
-  # update of the donated stacks, and XLA copies each whole stack before the step to update it in place.
-  dout = dout + 0 * dlhs[0, 0].astype(dout.dtype)
   if isinstance(w, QuantizedWeight):  # inference weights: no gradient (integer leaves take float0)
     dw = jax.tree.map(_zero_cotangent, w)
   else:
