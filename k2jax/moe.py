@@ -104,11 +104,11 @@ def _sort_rows(x_td, order_m, inv_m, k: int):
 
 
 def _sort_rows_fwd(x_td, order_m, inv_m, k):
-  return _sort_rows(x_td, order_m, inv_m, k), (order_m, inv_m, x_td.shape[0])
+  return _sort_rows(x_td, order_m, inv_m, k), (inv_m, x_td.shape[0])
 
 
 def _sort_rows_bwd(k, res, g_md):
-  order_m, inv_m, t = res
+  inv_m, t = res
   g_td = g_md[inv_m].reshape(t, k, -1).astype(jnp.float32).sum(1).astype(g_md.dtype)
   return g_td, None, None
 
@@ -124,11 +124,11 @@ def _unsort_rows(y_md, order_m, inv_m):
 
 
 def _unsort_rows_fwd(y_md, order_m, inv_m):
-  return y_md[inv_m], (order_m, inv_m)
+  return _unsort_rows(y_md, order_m, inv_m), order_m
 
 
-def _unsort_rows_bwd(res, g_md):
-  return g_md[res[0]], None, None
+def _unsort_rows_bwd(order_m, g_md):
+  return g_md[order_m], None, None
 
 
 _unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)

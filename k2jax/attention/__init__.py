@@ -28,12 +28,17 @@ __all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "ml
            "write_latent"]
 
 
+def _query_input(p: dict, x_btd: jax.Array, c: K2Config) -> tuple[jax.Array, jax.Array]:
+  """(what the per-head query projection reads, that weight [r, N, nope+rope]): the normed q-LoRA latent
+  and `q_b_rnq`, or the input itself and the single projection `q_dnq`."""
+  if "q_a_dr" in p:
+    return rms_norm(project(x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps), p["q_b_rnq"]
+  return x_btd, p["q_dnq"]
+
+
 def queries(p: dict, x_btd: jax.Array, c: K2Config) -> jax.Array:
   """q [B, T, N, nope+rope] from the q-LoRA path or the single projection."""
-  if "q_a_dr" in p:
-    q_r = rms_norm(project(x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps)
-    return project(q_r, p["q_b_rnq"])
-  return project(x_btd, p["q_dnq"])
+  return project(*_query_input(p, x_btd, c))
 
 
 def latent(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp) -> tuple[jax.Array, jax.Array]:
@@ -174,10 +179,7 @@ def _absorbed_queries(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, 
     q_btnq = constrain(queries(p, x_btd, c), ("batch", "seq", "heads", "qk_head"))
     q_lat = jnp.einsum("btnk,cnk->btnc", q_btnq[..., :nope], w_uk_cnk)
     return q_lat, rope.apply_rope(q_btnq[..., nope:], cos_btp, sin_btp)
-  if "q_a_dr" in p:
-    q_in, w_rnq = rms_norm(project(x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps), p["q_b_rnq"]
-  else:
-    q_in, w_rnq = x_btd, p["q_dnq"]
+  q_in, w_rnq = _query_input(p, x_btd, c)
   w_rnc = jnp.einsum("rnk,cnk->rnc", w_rnq[..., :nope], w_uk_cnk,
                      preferred_element_type=jnp.float32).astype(w_rnq.dtype)
   heads = ("batch", "seq", "heads", "qk_head")
