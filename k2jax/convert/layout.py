@@ -100,20 +100,28 @@ class Staging:
       shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def fsync_path(path: str) -> None:
-  """fsync a file or folder by path."""
+def fsync_path(path: str, drop: bool = False) -> None:
+  """fsync a file or folder by path; with `drop`, the file's pages then leave the page cache.
+
+  A streaming writer drops what it has synced: its page cache stays about a batch in size instead of
+  growing with the output, and the next writes reuse the pages just freed. Fresh pages are what a
+  buffered write costs most on a VM whose host takes back idle memory (a durable 2.7 GB write: 4.2
+  CPU-s into fresh pages, 0.9 s dropping every 256 MB; benchmarks/NOTES.md)."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
+    if drop and hasattr(os, "posix_fadvise"):
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
   finally:
     os.close(fd)
 
 
 def _fsync_all(paths: list[str]) -> None:
-  """fsync of each path that still exists (Orbax's temporary files may have gone meanwhile)."""
+  """fsync (and drop from the page cache) each path that still exists (Orbax's temporary files may have
+  gone meanwhile)."""
   for path in paths:
     try:
-      fsync_path(path)
+      fsync_path(path, drop=True)
     except FileNotFoundError:
       continue
 
