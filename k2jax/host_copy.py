@@ -68,19 +68,28 @@ def _tiled(dst: np.ndarray, src: np.ndarray) -> None:
       np.copyto(dst[i:i + tr, ..., j:j + tc], src[i:i + tr, ..., j:j + tc], casting="unsafe")
 
 
+def _view_as(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+  """`a` reshaped as a view, or None where that would need a copy (assigning `.shape` instead copies
+  the whole array before it refuses)."""
+  try:
+    return np.reshape(a, shape, copy=False)
+  except ValueError:
+    return None
+
+
 def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
   """dst[...] = src, cast to dst's dtype; `dst` is C-contiguous, `src` any view of the same shape (a
   transposed one is copied in tiles)."""
   if src.shape != dst.shape:
     raise ValueError(f"copy of a {src.shape} slice into a {dst.shape} place")
-  if src.ndim > 2 and dst.flags.c_contiguous:  # [in, *out] of a transposed [out, in]: copied as 2-D
-    flat = src.view()
-    try:
-      flat.shape = (src.shape[0], -1)  # only where no copy is needed
-    except AttributeError:
-      pass
-    else:
-      src, dst = flat, dst.reshape(flat.shape)
+  if src.ndim > 2 and dst.flags.c_contiguous:
+    # A transposed [out, in] seen as [in, *out] (kv_b, q_b) or [*in, out] (o_nhd: [H, hd, D] of HF's
+    # [D, H*hd]) is copied as the 2-D transpose it is.
+    for shape in ((src.shape[0], -1), (-1, src.shape[-1])):
+      flat = _view_as(src, shape)
+      if flat is not None:
+        src, dst = flat, dst.reshape(flat.shape)
+        break
   if src.dtype == dst.dtype:
     dst, src = _bits(dst), _bits(src)
     a = src.T
@@ -110,10 +119,8 @@ def _scratch_words(n: int, dtype) -> np.ndarray:
 def copy_words_to_packed(dst: np.ndarray, packed: np.ndarray) -> None:
   """dst[4, G, N] = packed, a view of HF words [N, 4G] as [4, G, N] (`int4.from_hf(..., copy=False)`)."""
   r, g, n = packed.shape
-  flat = packed.swapaxes(0, 1).view()
-  try:
-    flat.shape = (g * r, n)  # the words transposed, [4G, N]
-  except AttributeError:  # not such a view: the plain way
+  flat = _view_as(packed.swapaxes(0, 1), (g * r, n))  # the words transposed, [4G, N]
+  if flat is None:  # not such a view: the plain way
     copy_into(dst, packed)
     return
   t = _scratch_words(g * r * n, dst.dtype).reshape(g * r, n)

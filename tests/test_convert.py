@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -83,13 +84,18 @@ def test_tiled_copy_into_place_equals_numpy(dtype, to):
     dst = np.empty(view.shape, to)
     host_copy.copy_into(dst, view)
     np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
-  # An attention weight: HF [H * hd, in] -> [in, H, hd], copied as the 2-D transpose it is.
+  # Attention weights, copied as the 2-D transposes they are, with no copy of the source on the way:
+  # HF [H * hd, in] -> [in, H, hd] (q_b, kv_b) and HF [out, H * hd] -> [H, hd, out] (o).
   src = rng.standard_normal((8 * 12, host_copy.GROUP_ROWS + 4)).astype(np.float32)
   src = (src * 2**20).astype(dtype) if dtype == np.int32 else src.astype(dtype)
-  view = src.T.reshape(-1, 8, 12)
-  dst = np.empty(view.shape, to)
-  host_copy.copy_into(dst, view)
-  np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
+  for view in (src.T.reshape(-1, 8, 12), np.ascontiguousarray(src.T).T.reshape(8, 12, -1)):
+    dst = np.empty(view.shape, to)
+    tracemalloc.start()
+    host_copy.copy_into(dst, view)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < src.nbytes // 4, (view.shape, peak)
+    np.testing.assert_array_equal(dst.view(np.uint8), np.ascontiguousarray(view).astype(to).view(np.uint8))
   with pytest.raises(ValueError, match="copy of a"):
     host_copy.copy_into(np.empty((2, 3), dtype), np.empty((3, 2), dtype))
 
