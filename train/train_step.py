@@ -188,7 +188,9 @@ def global_norm(tree: Any) -> jax.Array:
   """optax.global_norm with each leaf's sum of squares as a dot product (fp32): XLA:CPU hands a plain
   reduction to a library kernel that takes its operand materialised, so sum(g ** 2) wrote g ** 2 out and read
   it back (a pass over every gradient, ~250 MB at the small benchmark width); the dot reads each gradient
-  once. Equal to optax's within float32 rounding (another summation order)."""
+  once, as long as no elementwise op sits between it and the gradient (the square then fuses into that op's
+  pass and is written out again: `apply_grads` takes the norm before `_after_backward`). Equal to optax's
+  within float32 rounding (another summation order)."""
   sq = [jnp.dot(g.ravel(), g.ravel(), preferred_element_type=jnp.float32) for g in jax.tree.leaves(tree)]
   return jnp.sqrt(sum(sq))
 
@@ -214,8 +216,7 @@ def apply_grads(state: TrainState, grads: Any, max_logits: dict, load: jax.Array
                 schedule: optax.Schedule) -> tuple[TrainState, dict]:
   """The update shared by pre-training, SFT and RL: MuonClip, then QK-Clip on the new weights (from the
   step's max attention logits), then the aux-loss-free router-bias update (from the expert load)."""
-  grads = _after_backward(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(_after_backward(grads), state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"grad_norm": global_norm(grads), "lr": schedule(state.step)}
   if cfg.qk_clip_tau > 0:
