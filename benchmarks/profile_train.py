@@ -10,7 +10,8 @@ bf16 with fp32 accumulation). Batch x 128 tokens, fp32, widths as in `benchmarks
 `--trace`: also where the whole `loss_and_grads` spends its time op by op (a `jax.profiler` trace; each
 XLA op's self time, grouped by op kind, ops inside the grouped-matmul loops apart).
 `--trace_step=adamw|muon`: the same for the whole jitted train step (loss, gradients, optimizer update),
-each op kind split by the source line it came from (the HLO's op_name, jit names dropped).
+each op kind split by the source line it came from (the HLO's op_name, jit names dropped); the step
+donates its state and each call takes the last one's, as in training.
 """
 from __future__ import annotations
 
@@ -78,17 +79,23 @@ def hlo_op_names(hlo: str) -> dict[str, str]:
   return {name: op for name in computation_of if (op := resolve(name))}
 
 
-def op_self_times(fn, *args, reps: int, kind_of=None) -> collections.Counter:
+def op_self_times(fn, *args, reps: int, kind_of=None, feed_back: bool = False) -> collections.Counter:
   """ms per call of each XLA op kind inside `fn` (self time: nested ops subtracted), from a profiler trace.
   Kinds are op names without their numeric suffix ("fusion.12" -> "fusion"), prefixed "gmm:" for ops in
   the grouped-matmul loops (`kernels/gmm_xla.py`), found through the compiled HLO's op_name metadata;
-  or `kind_of(op, op_name)`."""
+  or `kind_of(op, op_name)`. `feed_back`: `fn` returns (new first argument, ...) and each call takes the
+  last call's, as a step that donates its state is run."""
   source = hlo_op_names(fn.lower(*args).compile().as_text())
-  jax.block_until_ready(fn(*args))
+
+  def call(args):
+    out = jax.block_until_ready(fn(*args))
+    return (out[0], *args[1:]) if feed_back else args
+
+  args = call(args)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for _ in range(reps):
-        jax.block_until_ready(fn(*args))
+        args = call(args)
     trace = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))
   by_thread = collections.defaultdict(list)
   for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
@@ -116,13 +123,13 @@ def op_self_times(fn, *args, reps: int, kind_of=None) -> collections.Counter:
 
 
 def _train_step_fn(c, matrices: str, batch: int):
-  """The jitted train step of `benchmarks.widths` (bf16 Newton-Schulz), its state, and one batch."""
+  """The jitted train step of `benchmarks.widths` (bf16 Newton-Schulz, state donated), its state, and one
+  batch."""
   cfg = train_tiny.get_config()
   cfg.optimizer.matrices, cfg.optimizer.ns_dtype = matrices, "bfloat16"
   tx, sched = ts.make_optimizer(cfg)
   state = jax.jit(lambda k: ts.init_state(params_lib.init_params(c, k), tx))(jax.random.key(0))
-  step = jax.jit(lambda s, b: ts.train_step(s, b, c=c, cfg=cfg, tx=tx, schedule=sched))
-  return step, state, _train_batches(1, batch)[0]
+  return ts.make_train_step(c, cfg, tx, sched), state, _train_batches(1, batch)[0]
 
 
 def main():
@@ -139,7 +146,8 @@ def main():
   c = width_config(args.width)
   if args.trace_step:
     by_source = lambda op, src: op + "  " + re.sub(r"jit\([^)]*\)/", "", src)[:120]  # noqa: E731
-    kinds = op_self_times(*_train_step_fn(c, args.trace_step, args.batch), reps=args.reps, kind_of=by_source)
+    kinds = op_self_times(*_train_step_fn(c, args.trace_step, args.batch), reps=args.reps, kind_of=by_source,
+                          feed_back=True)
     print(f"# width={args.width}, {args.batch * TRAIN_SEQ} tokens, train step ({args.trace_step}): op self time, "
           f"all ops {sum(kinds.values()):.0f} ms\n| ms | op kind and source |\n|---:|---|")
     for kind, ms in kinds.most_common(args.top):
