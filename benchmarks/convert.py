@@ -7,7 +7,8 @@ peak RSS.
 Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
 --workdir, then alternates a plain `cp -r` of its folder (into the page cache), a durable `cp -r` + sync
 (the converter's output is fsynced before it is committed) and a `k2-convert` of it (and, with
---baseline_code, another checkout's), then a `k2-export` of the result back to HF (the baseline's once),
+--baseline_code, another checkout's), then a `k2-export` of the result back to HF (the baseline's once; the result read into the page cache
+first, as the source of every side is),
 each in its own process after a pause (`--settle_s`), `--repeats` times; prints medians, the ratios,
 and the peak RSS of the conversions and exports against the largest shard and the largest leaf.
 Everything it wrote is removed at the end.
@@ -109,6 +110,16 @@ def _child(code: str, pythonpath: str | None = None) -> tuple[float, int, float 
   return seconds, usage.ru_maxrss * 1024, inner
 
 
+def _read_into_page_cache(folder: str) -> None:
+  """Reads every file of `folder`: the converter leaves its output out of the page cache (it drops what
+  it has synced), and every side reads its source from the page cache."""
+  for r, _, fs in os.walk(folder):
+    for f in fs:
+      with open(os.path.join(r, f), "rb", buffering=0) as fh:
+        while fh.read(64 << 20):
+          pass
+
+
 def _folder_bytes(folder: str) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
 
@@ -153,6 +164,7 @@ def main(argv):
             f"after start-up; peak RSS {r / 1e9:.2f} GB); load average {os.getloadavg()[0]:.1f}", flush=True)
       if _EXPORT.value:
         back = os.path.join(root, "back")
+        _read_into_page_cache(out)
         code = (f"import json; from k2jax.convert import export; "
                 f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")
         if _BASELINE.value and i == 0:  # the previous exporter once (it is slow)
