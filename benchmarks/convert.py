@@ -7,8 +7,8 @@ peak RSS.
 Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
 --workdir, then alternates a plain `cp -r` of its folder (into the page cache), a durable `cp -r` + sync
 (the converter's output is fsynced before it is committed) and a `k2-convert` of it (and, with
---baseline_code, another checkout's), then a `k2-export` of the result back to HF (the baseline's once; the result read into the page cache
-first, as the source of every side is),
+--baseline_code, another checkout's), then a `k2-export` of the result back to HF (the baseline's once;
+the result is read into the page cache first, as the source of every side is),
 each in its own process after a pause (`--settle_s`), `--repeats` times; prints medians, the ratios,
 and the peak RSS of the conversions and exports against the largest shard and the largest leaf.
 Everything it wrote is removed at the end.

@@ -72,6 +72,20 @@ def test_loss_falls_and_qk_clip_bounds_logits(setup):
   assert after <= tau * (1 + 1e-3), after
 
 
+def test_update_ordering_leaves_the_gradients_as_they_are():
+  """The expert stacks' ordering dependency on the embedding's gradient adds an exact zero, also where
+  that gradient is NaN or Inf (a bad embedding gradient must not spill into every expert)."""
+  rng = np.random.default_rng(0)
+  experts = {k: jnp.asarray(rng.standard_normal((2, 4, 8, 6)), jnp.float32) for k in ("gate", "up", "down")}
+  for bad in (np.nan, np.inf, -np.inf, 1.5):
+    embed = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32).at[0, 0].set(bad)
+    grads = {"embed_vd": embed, "moe_layers": {"moe": {"experts": experts, "router": embed[:4]}}}
+    out = jax.jit(ts._after_backward)(grads)
+    for k, g in experts.items():
+      np.testing.assert_array_equal(np.asarray(out["moe_layers"]["moe"]["experts"][k]), np.asarray(g))
+    np.testing.assert_array_equal(np.asarray(out["embed_vd"]), np.asarray(embed))
+
+
 def test_grad_accumulation_matches_big_batch(setup):
   _, c, params, ds = setup
   batch = data.PackedDataset(ds.docs, 4, 64, seed=3).next_batch()

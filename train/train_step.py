@@ -197,7 +197,8 @@ def global_norm(tree: Any) -> jax.Array:
 
 def _after_backward(grads: Any) -> Any:
   """The routed-expert stacks' gradients with a data dependency on the embedding's, the backward's last
-  product (+ 0 x one element: a zero XLA cannot fold, fused into the optimizer's passes).
+  product (+ 0 x one element made finite: a zero XLA cannot fold, fused into the optimizer's passes,
+  and 0 even where that element is NaN or Inf, so a bad embedding gradient does not spill into the experts').
 
   The grouped-matmul loops read the stacks in place through the whole backward, the first MoE layer's dlhs
   loops last; those feed no weight's gradient, so without this nothing orders them before the optimizer's
@@ -205,7 +206,7 @@ def _after_backward(grads: Any) -> Any:
   benchmark width). Ordering the update, not dW, leaves the grouped matmul's dW and dlhs free to overlap."""
   if "embed_vd" not in grads or "moe_layers" not in grads:
     return grads
-  late = 0 * grads["embed_vd"][0, 0]
+  late = 0 * jnp.nan_to_num(grads["embed_vd"][0, 0])
   moe_g = grads["moe_layers"]["moe"]
   experts = jax.tree.map(lambda g: g + late.astype(g.dtype), moe_g["experts"])
   return {**grads, "moe_layers": {**grads["moe_layers"], "moe": {**moe_g, "experts": experts}}}
