@@ -119,11 +119,12 @@ class Engine:
 
   def _decode_params(self) -> dict:
     """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
-    weights on every token, and with the routed experts per expert (`moe.split_experts`), where each token
-    would copy its chosen experts' matrices out of the stacks; expert-parallel on a CPU mesh, per expert
-    as laid out for the mesh (`expert_parallel.split_experts`: each device reads its own experts in
-    place). Split once per parameter tree (`params` may be replaced, as RL does each step) and mesh, not
-    once per `generate` call: an agent run calls `generate` at every step."""
+    weights on every token, the head vocab-major (`model.vocab_major_head`), and with the routed experts
+    per expert (`moe.split_experts`), where each token would copy its chosen experts' matrices out of the
+    stacks; expert-parallel on a CPU mesh, per expert as laid out for the mesh
+    (`expert_parallel.split_experts`: each device reads its own experts in place). Split once per
+    parameter tree (`params` may be replaced, as RL does each step) and mesh, not once per `generate`
+    call: an agent run calls `generate` at every step."""
     if not dispatch.unstack_layers_for_decode():
       return self.params
     mesh = self._expert_mesh()
@@ -296,7 +297,7 @@ def _splits_experts(params: dict) -> bool:
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _per_layer_params(params: dict, split_experts: bool, expert_mesh=None, join: bool = True) -> dict:
-  out = model_lib.unstack_layers(params)
+  out = model_lib.vocab_major_head(model_lib.unstack_layers(params))
   if split_experts and "moe_layers" in out:
     split = (functools.partial(moe.split_experts, join=join) if expert_mesh is None
              else functools.partial(expert_parallel.split_experts, mesh=expert_mesh, join=join))

@@ -174,6 +174,16 @@ def unstack_layers(params: dict) -> dict:
   return out
 
 
+def vocab_major_head(params: dict) -> dict:
+  """The same parameters with the head stored [V, D] (`lm_head_vd`, each logit one contiguous row of it),
+  which `forward` also takes. For the engine's decode weights on XLA:CPU: a few rows' logits against
+  [D, V] ran as a small-row GEMM at ~2x the weight's streaming time; against [V, D] they stream it once
+  (8 rows x [512, 8192]: 1.58 -> 0.90 ms; the engine's decode b8 1.02-1.03x, benchmarks/NOTES.md)."""
+  out = {k: v for k, v in params.items() if k != "lm_head_dv"}
+  out["lm_head_vd"] = params["lm_head_dv"].T
+  return out
+
+
 def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: jax.Array | None = None,
             segment_ids_bt: jax.Array | None = None, cache: Cache | None = None, moe_impl: str = "ragged",
             remat: str = "none", expert_fake_quant: str | None = None, aux_loss_alpha: float = 0.0,
@@ -234,7 +244,10 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   h_btd = rms_norm(h_btd, params["final_norm_d"], c.rms_norm_eps)
   head_in = h_btd if logits_at_b is None else jnp.take_along_axis(h_btd, logits_at_b[:, None, None], axis=1)
   with jax.named_scope("head"):
-    logits = jnp.einsum("btd,dv->btv", head_in, params["lm_head_dv"], preferred_element_type=jnp.float32)
+    if "lm_head_vd" in params:  # the decode layout (`vocab_major_head`)
+      logits = jnp.einsum("btd,vd->btv", head_in, params["lm_head_vd"], preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", head_in, params["lm_head_dv"], preferred_element_type=jnp.float32)
   logits = constrain(logits, ("batch", "seq", "vocab"))
   new_cache = None
   if cache is not None:
