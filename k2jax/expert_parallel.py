@@ -169,8 +169,7 @@ def split_experts(experts: dict, mesh: Mesh, join: bool | None = None) -> dict:
   layout of E/n arrays [n, K, N] (element j: every shard's local expert j), each placed with its leading
   axis over `expert`, so that each device holds its own experts' matrices as separate buffers and the
   grouped-matmul loops read them in place (`join`: gate and up as one matrix, see `moe.split_experts`).
-  Call under jit; stacks sharded over `expert` split without
-  moving any data."""
+  Call under jit; stacks sharded over `expert` split without moving any data."""
   n = mesh.shape[EXPERT_AXIS]
   out = moe.split_experts(experts, n, join)
   if out is experts:  # INT4 stays stacked

@@ -244,10 +244,9 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   h_btd = rms_norm(h_btd, params["final_norm_d"], c.rms_norm_eps)
   head_in = h_btd if logits_at_b is None else jnp.take_along_axis(h_btd, logits_at_b[:, None, None], axis=1)
   with jax.named_scope("head"):
-    if "lm_head_vd" in params:  # the decode layout (`vocab_major_head`)
-      logits = jnp.einsum("btd,vd->btv", head_in, params["lm_head_vd"], preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("btd,dv->btv", head_in, params["lm_head_dv"], preferred_element_type=jnp.float32)
+    # [D, V], or [V, D] in the engine's decode layout (`vocab_major_head`).
+    spec, w = ("btd,vd->btv", params["lm_head_vd"]) if "lm_head_vd" in params else ("btd,dv->btv", params["lm_head_dv"])
+    logits = jnp.einsum(spec, head_in, w, preferred_element_type=jnp.float32)
   logits = constrain(logits, ("batch", "seq", "vocab"))
   new_cache = None
   if cache is not None:
