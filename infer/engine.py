@@ -119,9 +119,10 @@ class Engine:
 
   def _decode_params(self) -> dict:
     """The weights decoding runs on: per layer on CPU, where a stacked layer scan would copy every layer's
-    weights on every token, the head vocab-major (`model.vocab_major_head`), and with the routed experts
-    per expert (`moe.split_experts`), where each token would copy its chosen experts' matrices out of the
-    stacks; expert-parallel on a CPU mesh, per expert as laid out for the mesh
+    weights on every token, the head and other few-row products' weights output-major
+    (`model.output_major_layers`, `model.DECODE_OUTPUT_MAJOR`), and with the routed experts per expert
+    (`moe.split_experts`), where each token would copy its chosen experts' matrices out of the stacks;
+    expert-parallel on a CPU mesh, per expert as laid out for the mesh
     (`expert_parallel.split_experts`: each device reads its own experts in place). Split once per
     parameter tree (`params` may be replaced, as RL does each step) and mesh, not once per `generate`
     call: an agent run calls `generate` at every step."""
@@ -134,7 +135,8 @@ class Engine:
       join = split and dispatch.join_gate_up_for_decode(
           self.params["moe_layers"]["moe"]["experts"]["gate_edf"],
           1 if mesh is None else mesh.shape[expert_parallel.EXPERT_AXIS])
-      self._per_layer = (self.params, mesh, _per_layer_params(self.params, split, mesh, join))
+      self._per_layer = (self.params, mesh, _per_layer_params(self.params, split, mesh, join,
+                                                                model_lib.DECODE_OUTPUT_MAJOR))
     return self._per_layer[2]
 
   def _expert_mesh(self):
@@ -164,7 +166,8 @@ class Engine:
     tokens at the small width: 0.79x), while decoding gains from the mesh. Made once per parameter tree."""
     if self._first_device is None or self._first_device[0] is not self.params:
       one = jax.device_put(self.params, mesh.devices.flat[0])
-      self._first_device = (self.params, _per_layer_params(one, _splits_experts(self.params), None))
+      self._first_device = (self.params, _per_layer_params(one, _splits_experts(self.params), None, True,
+                                                            model_lib.DECODE_OUTPUT_MAJOR))
     return self._first_device[1]
 
   def prefill(self, prompts: Sequence[Sequence[int]], prefix: PrefixCache | None = None
@@ -295,9 +298,10 @@ def _splits_experts(params: dict) -> bool:
           and dispatch.split_experts_for_decode(moe_layers["moe"]["experts"]["gate_edf"]))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _per_layer_params(params: dict, split_experts: bool, expert_mesh=None, join: bool = True) -> dict:
-  out = model_lib.vocab_major_head(model_lib.unstack_layers(params))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _per_layer_params(params: dict, split_experts: bool, expert_mesh, join: bool, output_major: tuple[str, ...]
+                      ) -> dict:
+  out = model_lib.output_major_layers(model_lib.unstack_layers(params), output_major)
   if split_experts and "moe_layers" in out:
     split = (functools.partial(moe.split_experts, join=join) if expert_mesh is None
              else functools.partial(expert_parallel.split_experts, mesh=expert_mesh, join=join))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from k2jax import attention, moe, params as params_lib, rope, sharding
 from k2jax.config import K2Config
-from k2jax.layers import rms_norm, swiglu_mlp
+from k2jax.layers import output_major, output_major_name, rms_norm, swiglu_mlp, weight
 from k2jax.sharding import constrain
 
 # Rematerialisation policies for the scanned decoder layer, chosen by name from run configs.
@@ -174,13 +174,51 @@ def unstack_layers(params: dict) -> dict:
   return out
 
 
-def vocab_major_head(params: dict) -> dict:
-  """The same parameters with the head stored [V, D] (`lm_head_vd`, each logit one contiguous row of it),
-  which `forward` also takes. For the engine's decode weights on XLA:CPU: a few rows' logits against
-  [D, V] ran as a small-row GEMM at ~2x the weight's streaming time; against [V, D] they stream it once
-  (8 rows x [512, 8192]: 1.58 -> 0.90 ms; the engine's decode b8 1.02-1.03x, benchmarks/NOTES.md)."""
-  out = {k: v for k, v in params.items() if k != "lm_head_dv"}
-  out["lm_head_vd"] = params["lm_head_dv"].T
+# Weights the engine's decode tree may store output-major ([*out, *in], `layers.output_major`), by group:
+# where in a layer, and each weight's number of input axes. A few rows' products against [*in, *out] run on
+# XLA:CPU as small-row GEMMs at ~2x the weight's streaming time; output-major they stream it once.
+OUTPUT_MAJOR_GROUPS = {
+    "attn": (("attn",), {"q_a_dr": 1, "q_b_rnq": 1, "q_dnq": 1, "kv_a_da": 1, "o_nhd": 2}),
+    "mlp": (("mlp",), {"gate_df": 1, "up_df": 1, "down_fd": 1}),
+    "mlp_down": (("mlp",), {"down_fd": 1}),
+    "shared": (("moe", "shared"), {"gate_df": 1, "up_df": 1, "down_fd": 1}),
+}
+# What decoding stores output-major, where it won in place (benchmarks/NOTES.md): the head (the engine's
+# decode b8 1.02-1.03x) and the dense MLP's down projection (two devices b1 1.038x, b8 1.026x; one device
+# 1.00x). The whole dense MLP lost b1 on one device (0.95-0.97x, from gate and up); the attention
+# projections (0.98-1.00x) and the shared expert (1.01x) did not gain.
+DECODE_OUTPUT_MAJOR = ("head", "mlp_down")
+
+
+def _layer_output_major(layer: dict, group: str) -> dict:
+  path, names = OUTPUT_MAJOR_GROUPS[group]
+  parents = [layer]
+  for key in path:
+    if key not in parents[-1]:
+      return layer
+    parents.append(parents[-1][key])
+  sub = {output_major_name(k, names[k]) if k in names else k:
+         output_major(w, names[k]) if k in names else w for k, w in parents[-1].items()}
+  for key, parent in zip(reversed(path), reversed(parents[:-1])):
+    sub = {**parent, key: sub}
+  return sub
+
+
+def output_major_layers(params: dict, groups: tuple[str, ...]) -> dict:
+  """Per-layer parameters (`unstack_layers`) with the weights of `groups` (`OUTPUT_MAJOR_GROUPS`, and
+  "head": `lm_head_vd` [V, D]) stored output-major, each output one contiguous row; `forward` takes either
+  layout (`layers.weight`). For the engine's decode weights on XLA:CPU."""
+  out = dict(params)
+  if "head" in groups:
+    del out["lm_head_dv"]
+    out["lm_head_vd"] = output_major(params["lm_head_dv"])
+  for name in ("dense_layers", "moe_layers"):
+    if name in params:
+      stack = params[name]
+      for group in groups:
+        if group != "head":
+          stack = tuple(_layer_output_major(layer, group) for layer in stack)
+      out[name] = stack
   return out
 
 
@@ -244,9 +282,10 @@ def forward(params: dict, c: K2Config, tokens_bt: jax.Array, *, positions_bt: ja
   h_btd = rms_norm(h_btd, params["final_norm_d"], c.rms_norm_eps)
   head_in = h_btd if logits_at_b is None else jnp.take_along_axis(h_btd, logits_at_b[:, None, None], axis=1)
   with jax.named_scope("head"):
-    # [D, V], or [V, D] in the engine's decode layout (`vocab_major_head`).
-    spec, w = ("btd,vd->btv", params["lm_head_vd"]) if "lm_head_vd" in params else ("btd,dv->btv", params["lm_head_dv"])
-    logits = jnp.einsum(spec, head_in, w, preferred_element_type=jnp.float32)
+    # [D, V], or [V, D] in the engine's decode layout (`output_major_layers`).
+    w, vocab_major = weight(params, "lm_head_dv")
+    logits = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", head_in, w,
+                        preferred_element_type=jnp.float32)
   logits = constrain(logits, ("batch", "seq", "vocab"))
   new_cache = None
   if cache is not None:

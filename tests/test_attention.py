@@ -163,12 +163,13 @@ def test_write_latent_keeps_earlier_entries_near_the_end_of_the_cache():
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("output_major", [False, True])
 @pytest.mark.parametrize("preset", ["tiny", "tiny_no_qlora"])
-def test_absorbed_prefill_with_folded_weights_equals_per_head_attention(preset):
+def test_absorbed_prefill_with_folded_weights_equals_per_head_attention(preset, output_major):
   """64 tokens per row into an empty cache: W_UK goes into the query weight (the q-LoRA up-projection, or
   the single projection) and W_UV into the output weight; the output, max logits and cached latents equal
-  the per-head path's."""
-  from k2jax import attention, rope
+  the per-head path's. Also with the projections stored output-major (the engine's decode weights)."""
+  from k2jax import attention, model as model_lib, rope
   c = presets.get(preset)
   T = 64
   assert attention.absorbed_folds(c, 2 * T) == (True, True)
@@ -180,8 +181,12 @@ def test_absorbed_prefill_with_folded_weights_equals_per_head_attention(preset):
   index = jnp.broadcast_to(jnp.arange(T), (2, T))
   cos, sin = rope.cos_sin(c, index, x.dtype)
   cache = [jnp.zeros((2, 2, 80, d)) for d in (c.kv_lora_rank, c.qk_rope_head_dim)]
+  p_absorbed = p
+  if output_major:
+    p_absorbed = model_lib.output_major_layers({"moe_layers": ({"attn": p},)}, ("attn",))["moe_layers"][0]["attn"]
+    assert "o_dnh" in p_absorbed and "o_nhd" not in p_absorbed
   got, m1, cache_c, _ = jax.jit(lambda p, x: attention.mla_absorbed(p, x, c, cos, sin, Mask(seg, index), *cache, 1,
-                                                                    jnp.zeros(2, jnp.int32)))(p, x)
+                                                                    jnp.zeros(2, jnp.int32)))(p_absorbed, x)
   want, m2 = jax.jit(lambda p, x: attention.mla(p, x, c, cos, sin, Mask(seg, index, seg), "plain"))(p, x)
   valid = np.asarray(seg != 0)
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)

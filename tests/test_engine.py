@@ -134,6 +134,32 @@ def test_decode_weights_are_per_expert_where_experts_are_large(monkeypatch):
   assert not any(isinstance(w, tuple) for w in experts.values())
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny_no_qlora"])
+def test_output_major_decode_weights_give_the_plain_logits_and_ids(monkeypatch, preset):
+  """The engine's decode weights with every output-major group (`model.OUTPUT_MAJOR_GROUPS`: attention
+  projections, dense MLP, shared expert; and the head), as tried: prefill logits within float32 rounding of the
+  plain forward's, and greedy decoding picks the plain forward's argmax at every step."""
+  from k2jax.kernels import dispatch
+  c = presets.get(preset)
+  p = params.init_params(c, jax.random.key(7))
+  # As landed: the head and the dense MLP's down projection output-major, gate and up as trained.
+  assert set(Engine(p, c, max_len=32)._decode_params()["dense_layers"][0]["mlp"]) == {"gate_df", "up_df", "down_df"}
+  monkeypatch.setattr(model_lib, "DECODE_OUTPUT_MAJOR", ("head", *model_lib.OUTPUT_MAJOR_GROUPS))
+  monkeypatch.setattr(dispatch, "SPLIT_EXPERT_MIN_ELEMENTS", 1)  # experts per expert: prefill on these weights too
+  engine = Engine(p, c, max_len=32, cache_dtype=jnp.float32)
+  layer = engine._decode_params()["moe_layers"][0]
+  assert {"q_a_rd" if c.q_lora_rank else "q_nqd", "kv_a_ad", "o_dnh"} <= set(layer["attn"])
+  assert "down_df" in layer["moe"]["shared"] and "gate_fd" in engine._decode_params()["dense_layers"][0]["mlp"]
+  prompts = [list(np.random.default_rng(7).integers(0, c.vocab_size, n)) for n in (7, 3)]
+  logits_bv, _ = engine.prefill(prompts)
+  gen = engine.generate(prompts, 6)
+  for b, prompt in enumerate(prompts):
+    seq = prompt + gen.tokens[b]
+    full = np.asarray(jax.jit(lambda p: model_lib.forward(p, c, jnp.asarray([seq])).logits)(p))[0]
+    assert rel_err(logits_bv[b], full[len(prompt) - 1]) <= 1e-6
+    np.testing.assert_array_equal(full[len(prompt) - 1:-1].argmax(-1), gen.tokens[b])
+
+
 def test_bucketing_never_rejects_a_prompt_that_fits():
   c = presets.TINY
   p = params.init_params(c, jax.random.key(6))

@@ -117,12 +117,17 @@ def test_unstacked_layers_equal_scanned_stack():
   f = jax.jit(lambda p, cache: model_lib.forward(p, c, toks, cache=cache))
   per_layer = model_lib.unstack_layers(p)
   # The routed experts as tuples of per-expert arrays too (the engine's decode weights on CPU), gate and
-  # up joined per expert, or apart where the joined matrix would not fit the core's cache (with the head
-  # vocab-major, as the engine decodes).
+  # up joined per expert, or apart where the joined matrix would not fit the core's cache (with the head,
+  # attention projections, dense MLP and shared expert output-major, `model.output_major_layers`).
   per_expert = lambda join: dict(per_layer, moe_layers=tuple({**l, "moe": {**l["moe"], "experts": moe.split_experts(
       l["moe"]["experts"], join=join)}} for l in per_layer["moe_layers"]))
-  joined, apart = per_expert(None), model_lib.vocab_major_head(per_expert(False))
+  joined = per_expert(None)
+  apart = model_lib.output_major_layers(per_expert(False), ("head", *model_lib.OUTPUT_MAJOR_GROUPS))
   assert "lm_head_dv" not in apart and apart["lm_head_vd"].shape == (c.vocab_size, c.hidden_size)
+  layer = apart["moe_layers"][0]
+  assert layer["attn"]["o_dnh"].shape == (c.hidden_size, c.num_attention_heads, c.v_head_dim)
+  assert layer["moe"]["shared"]["down_df"].shape[0] == c.hidden_size and "gate_df" not in layer["moe"]["shared"]
+  assert apart["dense_layers"][0]["mlp"]["gate_fd"].shape == (c.intermediate_size, c.hidden_size)
   assert "gate_up_edf" in joined["moe_layers"][0]["moe"]["experts"]
   assert isinstance(apart["moe_layers"][0]["moe"]["experts"]["up_edf"], tuple)
   a = f(p, cache)

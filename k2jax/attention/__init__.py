@@ -15,7 +15,7 @@ from k2jax.attention.flash import NEG_INF, Mask, flash_attention, reference_atte
 from k2jax.attention.pallas import pallas_attention, pallas_decode
 from k2jax.config import K2Config
 from k2jax.kernels import dispatch
-from k2jax.layers import project, rms_norm
+from k2jax.layers import input_major, linear, project, rms_norm
 from k2jax.sharding import constrain
 
 IMPLS = ("flash", "plain", "pallas")
@@ -28,22 +28,23 @@ __all__ = ["IMPLS", "NEG_INF", "Mask", "attend", "attention_mask", "latent", "ml
            "write_latent"]
 
 
-def _query_input(p: dict, x_btd: jax.Array, c: K2Config) -> tuple[jax.Array, jax.Array]:
-  """(what the per-head query projection reads, that weight [r, N, nope+rope]): the normed q-LoRA latent
-  and `q_b_rnq`, or the input itself and the single projection `q_dnq`."""
-  if "q_a_dr" in p:
-    return rms_norm(project(x_btd, p["q_a_dr"]), p["q_a_norm_r"], c.latent_norm_eps), p["q_b_rnq"]
-  return x_btd, p["q_dnq"]
+def _query_input(p: dict, x_btd: jax.Array, c: K2Config) -> tuple[jax.Array, str]:
+  """(what the per-head query projection reads, the name of that weight [r, N, nope+rope]): the normed
+  q-LoRA latent and `q_b_rnq`, or the input itself and the single projection `q_dnq`."""
+  if "q_a_norm_r" in p:
+    return rms_norm(linear(x_btd, p, "q_a_dr"), p["q_a_norm_r"], c.latent_norm_eps), "q_b_rnq"
+  return x_btd, "q_dnq"
 
 
 def queries(p: dict, x_btd: jax.Array, c: K2Config) -> jax.Array:
   """q [B, T, N, nope+rope] from the q-LoRA path or the single projection."""
-  return project(*_query_input(p, x_btd, c))
+  q_in, name = _query_input(p, x_btd, c)
+  return linear(q_in, p, name)
 
 
 def latent(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp) -> tuple[jax.Array, jax.Array]:
   """The per-token latent: normed c_kv [B, T, C] and roped shared k_pe [B, T, P] (what a cache stores)."""
-  kv_bta = project(x_btd, p["kv_a_da"])
+  kv_bta = linear(x_btd, p, "kv_a_da")
   c_btc = rms_norm(kv_bta[..., :c.kv_lora_rank], p["kv_a_norm_c"], c.latent_norm_eps)
   k_pe_btp = rope.apply_rope(kv_bta[..., None, c.kv_lora_rank:], cos_btp, sin_btp)[:, :, 0]
   return c_btc, k_pe_btp
@@ -133,7 +134,7 @@ def mla(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask: Mask, im
   k_nope, v_btnh = kv_btnu[..., :nope], kv_btnu[..., nope:]
   # Scores: the content part per head plus the rope part against the one shared k_pe.
   out_btnh, max_logit_n = attend((q_nope, q_pe), (k_nope, k_pe_btp), v_btnh, mask, c.softmax_scale, impl)
-  return project(out_btnh, p["o_nhd"], 2), max_logit_n
+  return linear(out_btnh, p, "o_nhd", 2), max_logit_n
 
 
 def write_latent(cache_lbsx: jax.Array, new_btx: jax.Array, layer, start_b: jax.Array,
@@ -179,7 +180,8 @@ def _absorbed_queries(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, 
     q_btnq = constrain(queries(p, x_btd, c), ("batch", "seq", "heads", "qk_head"))
     q_lat = jnp.einsum("btnk,cnk->btnc", q_btnq[..., :nope], w_uk_cnk)
     return q_lat, rope.apply_rope(q_btnq[..., nope:], cos_btp, sin_btp)
-  q_in, w_rnq = _query_input(p, x_btd, c)
+  q_in, name = _query_input(p, x_btd, c)
+  w_rnq = input_major(p, name)
   w_rnc = jnp.einsum("rnk,cnk->rnc", w_rnq[..., :nope], w_uk_cnk,
                      preferred_element_type=jnp.float32).astype(w_rnq.dtype)
   heads = ("batch", "seq", "heads", "qk_head")
@@ -213,8 +215,9 @@ def mla_absorbed(p: dict, x_btd: jax.Array, c: K2Config, cos_btp, sin_btp, mask:
                                    c.softmax_scale, impl, layer=layer)
   o_lat_btnc = o_lat_btnc.astype(x_btd.dtype)
   if fold_o:
-    w_ncd = jnp.einsum("cnh,nhd->ncd", w_uv_cnh, p["o_nhd"], preferred_element_type=jnp.float32)
-    out_btd = project(o_lat_btnc, w_ncd.astype(p["o_nhd"].dtype), 2)
+    w_nhd = input_major(p, "o_nhd", 2)
+    w_ncd = jnp.einsum("cnh,nhd->ncd", w_uv_cnh, w_nhd, preferred_element_type=jnp.float32)
+    out_btd = project(o_lat_btnc, w_ncd.astype(w_nhd.dtype), 2)
   else:
-    out_btd = project(jnp.einsum("btnc,cnh->btnh", o_lat_btnc, w_uv_cnh), p["o_nhd"], 2)
+    out_btd = linear(jnp.einsum("btnc,cnh->btnh", o_lat_btnc, w_uv_cnh), p, "o_nhd", 2)
   return out_btd, max_logit_n, cache_c_lbsc, cache_pe_lbsp
