@@ -20,6 +20,7 @@ from k2jax.kernels import dispatch, gmm_xla
 from k2jax.train import qk_clip as qk_clip_lib
 from k2jax.train import schedules
 from k2jax.train.muonclip import NS_DTYPE, muonclip
+from k2jax.train.optimizer_map import LAYER_STACKS
 
 QAT_MODE = "clamp7"  # scale = max|w|/7, q in [-7, 7]: the rounding of the open K2 QAT reproduction
 
@@ -190,13 +191,13 @@ def global_norm(tree: Any) -> jax.Array:
   reduction to a library kernel that takes its operand materialised, so sum(g ** 2) wrote g ** 2 out and read
   it back (a pass over every gradient, ~250 MB at the small benchmark width); the dot reads each gradient
   once, as long as no elementwise op sits between it and the gradient (the square then fuses into that op's
-  pass and is written out again: the norm is taken before the update's ordering add). The routed-expert
-  stacks are summed layer by layer: with the unrolled layers their gradient is a concatenation of per-layer
-  pieces, each dot then reads its piece (XLA folds the slice), and the concatenation, which the optimizer's
-  loop also reads by layer, is not written out (the other leaves keep one dot: a dot a layer costs more
-  than it saves there). Equal to optax's within float32 rounding (another summation order)."""
+  pass and is written out again: the norm is taken before the update's ordering add). A layer stack's
+  leaf is summed layer by layer: with the unrolled layers its gradient is a concatenation of per-layer
+  pieces, and each dot then reads its piece (XLA folds the slice), so a concatenation that nothing else
+  needs whole (the routed experts', read by layer by the optimizer's loop) is not written out. Equal to
+  optax's within float32 rounding (another summation order)."""
   def sq(kp, g):
-    parts = list(g) if "/moe/experts/" in params_lib.path_str(kp) else [g]
+    parts = list(g) if params_lib.path_str(kp).split("/")[0] in LAYER_STACKS else [g]
     return sum(jnp.dot(x.ravel(), x.ravel(), preferred_element_type=jnp.float32) for x in parts)
   return jnp.sqrt(sum(sq(kp, g) for kp, g in jax.tree_util.tree_flatten_with_path(tree)[0]))
 
