@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from k2jax.params import path_str
-from k2jax.train.optimizer_map import LAYER_AXIS, LeafPlan, build_optimizer_map, optimizer_labels
+from k2jax.train.optimizer_map import LeafPlan, build_optimizer_map, optimizer_labels
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (a, b, c)
 NS_EPS = 1e-7
@@ -31,11 +31,6 @@ _partition = getattr(optax, "partition", None) or optax.multi_transform
 # at about half the rate of 2-D ones, and a whole stack falls out of cache. At the small benchmark width
 # (expert matrices 512 x 256, 512 KB in fp32) one matrix per step ran fastest.
 NS_CPU_GROUP_BYTES = 1 << 19
-# AdamW over a routed-expert stack on CPU: one in-place loop over groups of about this many bytes a buffer
-# (2 expert matrices at the small benchmark width), each group's moments and weight updated while in cache,
-# where optax's chain makes three passes over the whole stacks. The small width's whole AdamW update, one
-# process: 168 -> 150 ms (groups of 1 / 4 / 32 matrices: 190 / 156 / 173 ms).
-ADAMW_CPU_GROUP_BYTES = 1 << 20
 NS_DTYPES = ("float32", "bfloat16")
 NS_DTYPE = "bfloat16"  # the default: the reference Muon implementations' dtype (see `muonclip`)
 
@@ -75,69 +70,35 @@ def momentum_newton_schulz5(mom: jax.Array, g: jax.Array, momentum: float, neste
   return mom, stages[1](mom, g)
 
 
-def _cpu_group(m: jax.Array, group_bytes: int = NS_CPU_GROUP_BYTES) -> int:
-  """Matrices per group on CPU for a stack that goes through in groups of ~`group_bytes` (fp32), else 0."""
-  group = max(1, group_bytes // (4 * m.shape[-2] * m.shape[-1]))
+def _cpu_group(m: jax.Array) -> int:
+  """Matrices per group on CPU for a stack that goes through in groups, else 0."""
+  group = max(1, NS_CPU_GROUP_BYTES // (4 * m.shape[-2] * m.shape[-1]))
   if m.ndim > 2 and m.size // (m.shape[-2] * m.shape[-1]) > group and jax.default_backend() == "cpu":
     return group
   return 0
 
 
-def _in_groups(stages: tuple, bufs: tuple, group: int, first: int = 0, total: int | None = None) -> tuple:
+def _in_groups(stages: tuple, bufs: tuple, group: int) -> tuple:
   """Matrix stacks `bufs` [..., r, c] updated in place, `group` matrices at a time (loop carries: no
   zero-filled output stacks, as `lax.map` would allocate): stage k maps the group's slices of every buffer
   to the new slice of buffer k. Each stage reads the slices after the earlier stages' stores: a slice
-  read before a store into its buffer, and used after it, makes XLA copy the whole buffer every step.
-  `total` matrices go through (default: all), from matrix `first` of the updated buffers and from matrix 0
-  of the others (read-only inputs, e.g. one layer's gradient)."""
-  shapes = [b.shape for b in bufs]
-  bufs = [b.reshape(-1, *shapes[0][-2:]) for b in bufs]
-  total = bufs[0].shape[0] - first if total is None else total
+  read before a store into its buffer, and used after it, makes XLA copy the whole buffer every step."""
+  shape = bufs[0].shape
+  bufs = [b.reshape(-1, *shape[-2:]) for b in bufs]
+  total = bufs[0].shape[0]
   n = total // group
 
   def run(bufs, start, size):
     for k, stage in enumerate(stages):
-      xs = [jax.lax.dynamic_slice_in_dim(b, start + (first if j < len(stages) else 0), size)
-            for j, b in enumerate(bufs)]
+      xs = [jax.lax.dynamic_slice_in_dim(b, start, size) for b in bufs]
       y = stage(*[x[0] for x in xs]) if size == 1 else stage(*xs)
-      bufs[k] = jax.lax.dynamic_update_slice_in_dim(bufs[k], y.reshape(size, *shapes[0][-2:]), first + start, 0)
+      bufs[k] = jax.lax.dynamic_update_slice_in_dim(bufs[k], y.reshape(size, *shape[-2:]), start, 0)
     return bufs
 
   bufs = jax.lax.fori_loop(0, n, lambda i, bufs: run(list(bufs), i * group, group), bufs)
   if n * group < total:  # the last, partial group
     bufs = run(list(bufs), n * group, total - n * group)
-  return tuple(b.reshape(s) for b, s in zip(bufs, shapes))
-
-
-def adamw_in_groups(mu: jax.Array, nu: jax.Array, w: jax.Array, g: jax.Array, late: jax.Array, count: jax.Array,
-                    step_size, b1: float, b2: float, eps: float, weight_decay: float, group: int,
-                    layers: int = 1) -> tuple:
-  """(mu, nu, w) after optax's AdamW step (`scale_by_adam`, `add_decayed_weights`, `scale_by_learning_rate`,
-  `apply_updates`) on matrix stacks [..., r, c], `group` matrices at a time in one in-place loop: the new
-  mu, then the new nu, then the weight from the stored new moments, so each group is read once from
-  memory where optax's three fusions read the stacks 7 times. `late`: a zero added to g (a data dependency
-  that orders the loop); `count`: the incremented Adam count; `step_size`: -lr. `layers` > 1: a loop a
-  layer, each reading its layer of g, so that a gradient assembled from per-layer pieces is read from them
-  (XLA folds the slice of a concatenation) and the concatenation is not written out."""
-
-  def new_w(m, v, w, g):
-    del g
-    u = optax.tree.bias_correction(m, b1, count) / (jnp.sqrt(optax.tree.bias_correction(v, b2, count)) + eps)
-    if weight_decay != 0.0:
-      u = u + weight_decay * w
-    return (w + (jnp.asarray(step_size, u.dtype) * u).astype(w.dtype)).astype(w.dtype)
-
-  def g32(g):
-    return (g + late.astype(g.dtype)).astype(jnp.float32)
-
-  stages = (lambda m, v, w, g: optax.tree.update_moment(g32(g), m, b1, 1),
-            lambda m, v, w, g: optax.tree.update_moment_per_elem_norm(g32(g), v, b2, 2),
-            new_w)
-  per_layer = mu.size // (mu.shape[-2] * mu.shape[-1] * layers)
-  g_l = g.reshape(layers, per_layer, *g.shape[-2:])
-  for l in range(layers):
-    mu, nu, w, _ = _in_groups(stages, (mu, nu, w, g_l[l]), group, first=l * per_layer, total=per_layer)
-  return mu, nu, w
+  return tuple(b.reshape(shape) for b in bufs)
 
 
 def _newton_schulz5(m: jax.Array, steps: int, eps: float, dtype: str = "float32") -> jax.Array:
@@ -262,7 +223,6 @@ def muonclip(
     optimizer_map: Mapping[str, LeafPlan] | None = None,
     matrices: str = "muon",
     ns_dtype: str = NS_DTYPE,
-    returns_params: bool = False,
 ) -> optax.GradientTransformation:
   """K2's optimizer step as one optax transformation; `update` needs `params` (weight decay).
 
@@ -276,10 +236,6 @@ def muonclip(
   ns_dtype: the Newton-Schulz iteration's dtype, "bfloat16" (the default, as the reference Muon
   implementations run it: ~2.3x faster than fp32 on a CPU with bf16 matrix units, and on accelerators;
   the result differs from fp32's by ~1% relative, see tests) or "float32" (the fp32 iteration, exact).
-
-  returns_params: `update` returns the new parameters instead of updates (`optax.apply_updates` done
-  inside; the state is the same tree), so that on CPU the routed-expert stacks under AdamW are updated in
-  place by `adamw_in_groups`.
   """
   if matrices not in ("muon", "adamw"):
     raise ValueError(f"matrices must be 'muon' or 'adamw', got {matrices!r}")
@@ -299,54 +255,11 @@ def muonclip(
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   ))
-  def labels(params):
-    return jax.tree.map(lambda o: "adamw" if o == "muon" and matrices == "adamw" else o,
-                        optimizer_labels(params, optimizer_map))
-
-  tx = optax.chain(_partition({"muon": muon, "adamw": adamw, "none": optax.set_to_zero()}, labels),
-                   _cast_like_params())
-  if not returns_params:
-    return tx
-
-  def in_place(tree):
-    """{path: (matrix view, group, layers)} of the AdamW leaves `adamw_in_groups` updates: routed-expert
-    stacks on CPU."""
-    plans = plans_for(tree)
-    label = dict(zip(plans, jax.tree.leaves(labels(tree))))
-    groups = {p: _cpu_group(jax.ShapeDtypeStruct(pl.matrix_shape, jnp.float32), ADAMW_CPU_GROUP_BYTES)
-              for p, pl in plans.items() if label[p] == "adamw" and "E" in pl.batch}
-    return {p: (plans[p].matrix_shape, n, plans[p].shape[0] if plans[p].batch[0] == LAYER_AXIS else 1)
-            for p, n in groups.items() if n}
-
-  def update_fn(updates, state, params, order_after=None):
-    """(new params, new state). `order_after`: a scalar that the routed-expert stacks' new values take a
-    data dependency on (+ 0 x it made finite: an exact zero even where it is NaN or Inf), so that XLA
-    orders their update, in place in the donated stacks, after whatever computes it."""
-    plans, views = plans_for(params), in_place(params)
-    late = jnp.zeros((), jnp.float32) if order_after is None else 0 * jnp.nan_to_num(order_after)
-    if order_after is not None:  # on the stacks optax updates; the loop adds `late` itself, fused
-      updates = jax.tree_util.tree_map_with_path(
-          lambda kp, g: g + late.astype(g.dtype) if "E" in plans[path_str(kp)].batch
-          and path_str(kp) not in views else g, updates)
-    deltas, new_state = tx.update(updates, state, params)
-    new_params = optax.apply_updates(params, deltas)
-    if not views:
-      return new_params, new_state
-    # optax's own values for these leaves are dead: the loop's replace them, in the same state tree.
-    (adam, *_, sched), (new_adam, *rest) = (s[0].inner_states["adamw"].inner_state for s in (state, new_state))
-    step_size = -(learning_rate(sched.count) if callable(learning_rate) else learning_rate)
-    flat = lambda t: jax.tree_util.tree_flatten(t, is_leaf=lambda x: isinstance(x, optax.MaskedNode))  # noqa: E731
-    (w, w_def), (mu, mu_def), (nu, nu_def) = flat(new_params), flat(new_adam.mu), flat(new_adam.nu)
-    old = [flat(t)[0] for t in (adam.mu, adam.nu, params, updates)]
-    for i, kp in enumerate(kp for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
-      if path_str(kp) in views:
-        view, group, layers = views[path_str(kp)]
-        out = adamw_in_groups(*(t[i].reshape(view) for t in old), late, new_adam.count, step_size, adam_b1,
-                              adam_b2, adam_eps, weight_decay, group, layers)
-        mu[i], nu[i], w[i] = (x.reshape(w[i].shape) for x in out)
-    new_adam = new_adam._replace(mu=mu_def.unflatten(mu), nu=nu_def.unflatten(nu))
-    adamw = new_state[0].inner_states["adamw"]._replace(inner_state=(new_adam, *rest))
-    return w_def.unflatten(w), (new_state[0]._replace(inner_states={**new_state[0].inner_states, "adamw": adamw}),
-                                *new_state[1:])
-
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+  return optax.chain(
+      _partition(
+          {"muon": muon, "adamw": adamw, "none": optax.set_to_zero()},
+          lambda params: jax.tree.map(lambda o: "adamw" if o == "muon" and matrices == "adamw" else o,
+                                      optimizer_labels(params, optimizer_map)),
+      ),
+      _cast_like_params(),
+  )

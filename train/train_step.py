@@ -20,7 +20,6 @@ from k2jax.kernels import dispatch, gmm_xla
 from k2jax.train import qk_clip as qk_clip_lib
 from k2jax.train import schedules
 from k2jax.train.muonclip import NS_DTYPE, muonclip
-from k2jax.train.optimizer_map import LAYER_STACKS
 
 QAT_MODE = "clamp7"  # scale = max|w|/7, q in [-7, 7]: the rounding of the open K2 QAT reproduction
 
@@ -41,12 +40,11 @@ def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The run's MuonClip (optionally behind gradient clipping); its `update` returns the new parameters."""
   o = cfg.optimizer
   sched = lr_schedule(cfg)
   tx = muonclip(sched, weight_decay=o.weight_decay, momentum=o.momentum, rms_scale=o.rms_scale,
                 adam_b1=o.adam_b1, adam_b2=o.adam_b2, matrices=o.get("matrices", "muon"),
-                ns_dtype=o.get("ns_dtype", NS_DTYPE), returns_params=True)
+                ns_dtype=o.get("ns_dtype", NS_DTYPE))
   if o.get("grad_clip", 0.0):
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, sched
@@ -191,26 +189,27 @@ def global_norm(tree: Any) -> jax.Array:
   reduction to a library kernel that takes its operand materialised, so sum(g ** 2) wrote g ** 2 out and read
   it back (a pass over every gradient, ~250 MB at the small benchmark width); the dot reads each gradient
   once, as long as no elementwise op sits between it and the gradient (the square then fuses into that op's
-  pass and is written out again: the norm is taken before the update's ordering add). A layer stack's
-  leaf is summed layer by layer: with the unrolled layers its gradient is a concatenation of per-layer
-  pieces, and each dot then reads its piece (XLA folds the slice), so a concatenation that nothing else
-  needs whole (the routed experts', read by layer by the optimizer's loop) is not written out. Equal to
-  optax's within float32 rounding (another summation order)."""
-  def sq(kp, g):
-    parts = list(g) if params_lib.path_str(kp).split("/")[0] in LAYER_STACKS else [g]
-    return sum(jnp.dot(x.ravel(), x.ravel(), preferred_element_type=jnp.float32) for x in parts)
-  return jnp.sqrt(sum(sq(kp, g) for kp, g in jax.tree_util.tree_flatten_with_path(tree)[0]))
+  pass and is written out again: `apply_grads` takes the norm before `_after_backward`). Equal to optax's
+  within float32 rounding (another summation order)."""
+  sq = [jnp.dot(g.ravel(), g.ravel(), preferred_element_type=jnp.float32) for g in jax.tree.leaves(tree)]
+  return jnp.sqrt(sum(sq))
 
 
-def _last_product(grads: Any) -> jax.Array | None:
-  """One element of the embedding's gradient, the backward's last product: the routed-expert stacks' update
-  is ordered after it (`muonclip`'s `order_after`).
+def _after_backward(grads: Any) -> Any:
+  """The routed-expert stacks' gradients with a data dependency on the embedding's, the backward's last
+  product (+ 0 x one element made finite: a zero XLA cannot fold, fused into the optimizer's passes,
+  and 0 even where that element is NaN or Inf, so a bad embedding gradient does not spill into the experts').
 
   The grouped-matmul loops read the stacks in place through the whole backward, the first MoE layer's dlhs
   loops last; those feed no weight's gradient, so without this nothing orders them before the optimizer's
   in-place update of the donated stacks, and XLA copies every stack before the step (3 x 84 MB at the small
   benchmark width). Ordering the update, not dW, leaves the grouped matmul's dW and dlhs free to overlap."""
-  return grads["embed_vd"][0, 0] if "embed_vd" in grads and "moe_layers" in grads else None
+  if "embed_vd" not in grads or "moe_layers" not in grads:
+    return grads
+  late = 0 * jnp.nan_to_num(grads["embed_vd"][0, 0])
+  moe_g = grads["moe_layers"]["moe"]
+  experts = jax.tree.map(lambda g: g + late.astype(g.dtype), moe_g["experts"])
+  return {**grads, "moe_layers": {**grads["moe_layers"], "moe": {**moe_g, "experts": experts}}}
 
 
 def apply_grads(state: TrainState, grads: Any, max_logits: dict, load: jax.Array | None, *, c: K2Config,
@@ -218,7 +217,8 @@ def apply_grads(state: TrainState, grads: Any, max_logits: dict, load: jax.Array
                 schedule: optax.Schedule) -> tuple[TrainState, dict]:
   """The update shared by pre-training, SFT and RL: MuonClip, then QK-Clip on the new weights (from the
   step's max attention logits), then the aux-loss-free router-bias update (from the expert load)."""
-  params, opt_state = tx.update(grads, state.opt_state, state.params, order_after=_last_product(grads))
+  updates, opt_state = tx.update(_after_backward(grads), state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   metrics = {"grad_norm": global_norm(grads), "lr": schedule(state.step)}
   if cfg.qk_clip_tau > 0:
     params, clip_stats = qk_clip_lib.qk_clip(params, max_logits, c, tau=cfg.qk_clip_tau)
