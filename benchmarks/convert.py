@@ -55,6 +55,11 @@ def synthetic_config(layers: int, experts: int, hidden: int, ffn: int, vocab: in
       n_routed_experts=experts, num_experts_per_tok=min(8, experts), bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
+def config_from_flags():
+  """The synthetic config the size flags (--layers, --experts, --hidden, --ffn, --vocab) describe."""
+  return synthetic_config(_LAYERS.value, _EXPERTS.value, _HIDDEN.value, _FFN.value, _VOCAB.value)
+
+
 def write_checkpoint(c, folder: str) -> None:
   """Random tensors of every expected name, shape and dtype; a shard per layer (plus one for the rest)."""
   from k2jax.convert.plan import hf_tensor_specs  # noqa: PLC0415
@@ -110,7 +115,7 @@ def _child(code: str, pythonpath: str | None = None) -> tuple[float, int, float 
   return seconds, usage.ru_maxrss * 1024, inner
 
 
-def _read_into_page_cache(folder: str) -> None:
+def read_into_page_cache(folder: str) -> None:
   """Reads every file of `folder`: the converter leaves its output out of the page cache (it drops what
   it has synced), and every side reads its source from the page cache."""
   for r, _, fs in os.walk(folder):
@@ -126,7 +131,7 @@ def _folder_bytes(folder: str) -> int:
 
 def main(argv):
   del argv
-  c = synthetic_config(_LAYERS.value, _EXPERTS.value, _HIDDEN.value, _FFN.value, _VOCAB.value)
+  c = config_from_flags()
   root = tempfile.mkdtemp(prefix="k2jax-convert-bench-", dir=_WORKDIR.value)
   try:
     src = os.path.join(root, "hf")
@@ -164,7 +169,7 @@ def main(argv):
             f"after start-up; peak RSS {r / 1e9:.2f} GB); load average {os.getloadavg()[0]:.1f}", flush=True)
       if _EXPORT.value:
         back = os.path.join(root, "back")
-        _read_into_page_cache(out)
+        read_into_page_cache(out)
         code = (f"import json; from k2jax.convert import export; "
                 f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")
         if _BASELINE.value and i == 0:  # the previous exporter once (it is slow)

@@ -66,23 +66,22 @@ def main(argv):
   spec.loader.exec_module(module)
   variants = module.VARIANTS
   names = list(variants)
-  root = tempfile.mkdtemp(prefix="k2jax-convert-ab-", dir=bench._WORKDIR.value)  # noqa: SLF001
+  root = tempfile.mkdtemp(prefix="k2jax-convert-ab-", dir=flags.FLAGS.workdir)
   try:
     src = os.path.join(root, "hf")
-    sizes = (bench._LAYERS, bench._EXPERTS, bench._HIDDEN, bench._FFN, bench._VOCAB)  # noqa: SLF001
-    bench.write_checkpoint(bench.synthetic_config(*(f.value for f in sizes)), src)
+    bench.write_checkpoint(bench.config_from_flags(), src)
     run = convert
     if _MODE.value == "export":
       converted = os.path.join(root, "converted")
       convert(src, converted, progress=False)
-      bench._read_into_page_cache(converted)  # noqa: SLF001
+      bench.read_into_page_cache(converted)
       src, run = converted, export
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     first: dict[str, str] = {}  # each variant's first output, kept to compare
     for r in range(_ROUNDS.value):
       for name in names if r % 2 == 0 else names[::-1]:
         out = os.path.join(root, f"out-{name}")
-        time.sleep(bench._SETTLE.value)  # noqa: SLF001
+        time.sleep(flags.FLAGS.settle_s)
         with variants[name]():
           before = resource.getrusage(resource.RUSAGE_SELF)
           t = time.perf_counter()

@@ -53,7 +53,7 @@ def weight(p: dict, name: str, contract: int = 1) -> tuple[jax.Array, bool]:
 def input_major(p: dict, name: str, contract: int = 1) -> jax.Array:
   """p's weight `name` [*in, *out], an output-major copy transposed back: for weights folded per call."""
   w, out_major = weight(p, name, contract)
-  return jnp.transpose(w, (*range(w.ndim - contract, w.ndim), *range(w.ndim - contract))) if out_major else w
+  return output_major(w, w.ndim - contract) if out_major else w  # [*out, *in] -> [*in, *out]
 
 
 def linear(x: jax.Array, p: dict, name: str, contract: int = 1) -> jax.Array:
