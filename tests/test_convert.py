@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import jax
@@ -170,6 +171,41 @@ def _write_leaves(tmp_path, want, biggest):
   assert all(b is not None for b in w.slabs.bufs)  # both slabs served
 
 
+def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path, monkeypatch):
+  """Each time a file being written has grown by `step`, its bytes so far are synced and dropped from the
+  page cache while the write goes on (Orbax's threads write a batch's files; the writer cannot see
+  them); files handed to the batch-end fsync are left alone."""
+  import threading
+  dropped = []  # (path, bytes synced) per sync-and-drop
+  real = layout._sync_and_drop
+  monkeypatch.setattr(layout, "_sync_and_drop", lambda path: dropped.append((path, real(path))) or dropped[-1][1])
+  folder = tmp_path / "batch"
+  (folder / "d").mkdir(parents=True)
+  skipped = str(folder / "d" / "done")
+  with open(skipped, "wb") as f:
+    f.write(b"x" * 50_000)
+  step, chunk = 10_000, np.random.default_rng(0).bytes(25_000)
+  recycler = layout.Recycler(lambda: [str(folder)], skip={skipped}, step=step, interval_s=0.001)
+  path = str(folder / "d" / "data")
+  recycler.start()
+  try:
+    with open(path, "wb") as f:
+      for i in range(4):
+        f.write(chunk)
+        f.flush()
+        deadline = time.monotonic() + 10
+        while recycler.dropped.get(path, 0) < (i + 1) * len(chunk) and time.monotonic() < deadline:
+          time.sleep(0.001)  # the next chunk waits for the recycler to catch up with this one
+        assert recycler.dropped.get(path, 0) == (i + 1) * len(chunk), (i, dropped)
+  finally:
+    recycler.stop()
+  sizes = [n for p, n in dropped if p == path]  # a write seen half-done may add a size between chunks
+  assert {25_000, 50_000, 75_000, 100_000} <= set(sizes)
+  assert all(b - a >= step for a, b in zip([0] + sizes, sizes)), sizes
+  assert skipped not in {p for p, _ in dropped}
+  assert open(path, "rb").read() == chunk * 4  # dropping clean pages loses nothing
+
+
 def test_mapped_reads_equal_file_reads_and_a_shard_cut_short_later_is_named(k2t, tmp_path):
   src = str(tmp_path / "src")
   shutil.copytree(k2t, src)
@@ -226,6 +262,16 @@ def test_export_streams_into_planned_shards_the_reference_reader_loads(k2t, conv
       assert index[k] == f
       np.testing.assert_array_equal(v.reshape(-1).view(np.uint8), ref.get(k).reshape(-1).view(np.uint8), err_msg=k)
   _assert_same_tensors(k2t, back)
+  # Every shard was synced and dropped from the page cache as it was written (`layout.RECYCLE_BYTES`).
+  dropped = {}
+  real_fsync = layout.fsync_path
+  monkeypatch.setattr(layout, "fsync_path", lambda path, drop=False: (
+      drop and dropped.__setitem__(os.path.basename(path), os.path.getsize(path)), real_fsync(path, drop))[1])
+  again = str(tmp_path / "again")
+  export(converted, again, max_shard_bytes=300_000, progress=False)
+  shard_files = {f: os.path.getsize(os.path.join(again, f)) for f in os.listdir(again) if f.endswith(".safetensors")}
+  assert {f: n for f, n in dropped.items() if f.endswith(".safetensors")} == shard_files
+  monkeypatch.undo()
   from k2jax.safetensors_io import ShardWriter
   w = ShardWriter(str(tmp_path), [("a", (2, 3), "BF16")])
   with pytest.raises(SafetensorsError, match=r"'b' .* does not match the plan: 'a'"):

@@ -126,6 +126,68 @@ def _fsync_all(paths: list[str]) -> None:
       continue
 
 
+RECYCLE_BYTES = 64 << 20  # a file being written is synced and dropped each time it grows by this much
+
+
+def _sync_and_drop(path: str) -> int:
+  """fdatasync of a file another thread may still be writing, then its synced bytes dropped from the
+  page cache; returns the size synced."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    size = os.fstat(fd).st_size
+    os.fdatasync(fd)
+    if hasattr(os, "posix_fadvise"):
+      os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    return size
+  finally:
+    os.close(fd)
+
+
+class Recycler:
+  """While a batch is being written (by Orbax's threads, which the writer does not see): every file under
+  `folders()` is synced and dropped from the page cache each time it has grown by `step` bytes, so the
+  writes keep reusing the pages just freed and the page cache stays about `step` per file in size.
+
+  On a VM whose host takes back idle memory, a page new to the page cache is what a buffered write costs
+  most: a first 680 MB batch took 5-8 s into new pages and ~1 s into pages freed just before
+  (benchmarks/NOTES.md). Files in `skip` (handed to the batch-end fsync) are left alone."""
+
+  def __init__(self, folders, skip: set[str], step: int = RECYCLE_BYTES, interval_s: float = 0.02):
+    self.folders, self.skip, self.step, self.interval_s = folders, skip, step, interval_s
+    self.dropped: dict[str, int] = {}  # path -> bytes synced and dropped so far
+    self._stop = None
+    self._thread = None
+
+  def _poll(self) -> None:
+    for folder in self.folders():
+      for root, _, files in os.walk(folder):
+        for f in files:
+          path = os.path.join(root, f)
+          if path in self.skip:
+            continue
+          try:
+            if os.stat(path).st_size - self.dropped.get(path, 0) >= self.step:
+              self.dropped[path] = _sync_and_drop(path)
+          except FileNotFoundError:  # Orbax's temporary files come and go
+            continue
+
+  def _run(self) -> None:
+    while not self._stop.wait(self.interval_s):
+      self._poll()
+
+  def start(self) -> None:
+    import threading  # noqa: PLC0415
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="k2-convert-recycle", daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+
 def sync_tree(root: str) -> None:
   """fsync of every file and folder under `root`, and `root`: written data is on disk, not only in the
   page cache, before the rename that commits it (a crash can then never leave a committed checkpoint
@@ -253,6 +315,7 @@ class ParamsWriter:
     self.syncer = concurrent.futures.ThreadPoolExecutor(1, "k2-convert-fsync")
     self.syncs: list[concurrent.futures.Future] = []
     self.synced: set[str] = set()
+    self.recycler = Recycler(self._save_folders, skip=self.synced)
     self._ctx = None
     # Orbax's import (~0.4 s, Python) runs while the first leaves are read (numpy, without the GIL).
     self._orbax = self.syncer.submit(import_orbax)
@@ -298,16 +361,19 @@ class ParamsWriter:
       from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
       with ctx, _deferred_file_sync():
         self.in_flight = partial.save_async(self.path, self.pending)
+      self.recycler.start()
       self.slabs.swap()
     self.pending, self.pending_bytes = {}, 0
+
+  def _save_folders(self) -> list[str]:
+    """The folders Orbax's partial saves write into (`<path>.partial_save/pending_*` until finalized)."""
+    parent, name = os.path.split(self.path)
+    return [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(name)]
 
   def _sync_finished(self) -> None:
     """Queues an fsync of the files the batches written so far made (none is being written now, so no
     file is synced half-written and then skipped); the next batch is written meanwhile."""
-    # Orbax's partial saves go to sibling folders (`<path>.partial_save/pending_*`) until finalized.
-    parent, name = os.path.split(self.path)
-    files = [os.path.join(folder, f) for d in os.listdir(parent) if d.startswith(name)
-             for folder, _, fs in os.walk(os.path.join(parent, d)) for f in fs]
+    files = [os.path.join(folder, f) for d in self._save_folders() for folder, _, fs in os.walk(d) for f in fs]
     new = [f for f in files if f not in self.synced]
     if new:
       self.synced.update(new)
@@ -316,7 +382,10 @@ class ParamsWriter:
   def wait(self) -> None:
     if self.in_flight is not None:
       response, self.in_flight = self.in_flight, None
-      response.result()
+      try:
+        response.result()
+      finally:
+        self.recycler.stop()
 
   def __enter__(self) -> "ParamsWriter":
     return self
@@ -327,6 +396,7 @@ class ParamsWriter:
         self.wait()
       except Exception:  # noqa: BLE001  (the first error is the one to report)
         pass
+    self.recycler.stop()
     self.syncer.shutdown(wait=True)
 
   def finalize(self, dest: str) -> None:

@@ -188,8 +188,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
   Streams: Orbax restores the next leaves while this one's tensors are transposed (on a thread per
   core) into one of two host slabs, and a writer thread puts them into the shard files in order (their
   headers are planned from shapes, so nothing is gathered), each shard fsynced in the background every
-  256 MB written and when it is complete (so little is left to sync at the end, and the page cache never
-  holds gigabytes of dirty data that would throttle the writes). Host memory: two restores of up to
+  `layout.RECYCLE_BYTES` written and when it is complete, its synced pages then dropped from the page cache
+  (so little is left to sync at the end, and the writes reuse the pages just freed). Host memory: two restores of up to
   `RESTORE_BYTES` (or a leaf) plus the two slabs."""
   if fmt not in FORMATS:
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -218,8 +218,10 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
             concurrent.futures.ThreadPoolExecutor(1, "k2-export-write") as writer,
             concurrent.futures.ThreadPoolExecutor(1, "k2-export-fsync") as syncer):
         syncs: list[concurrent.futures.Future] = []
-        shards = ShardWriter(stage.tmp, specs, max_shard_bytes,
-                             on_file=lambda path: syncs.append(syncer.submit(layout.fsync_path, path)))
+        # Each shard synced and dropped from the page cache every RECYCLE_BYTES, so the writes keep
+        # reusing the pages just freed (`layout.Recycler`).
+        shards = ShardWriter(stage.tmp, specs, max_shard_bytes, on_file_bytes=layout.RECYCLE_BYTES,
+                             on_file=lambda path: syncs.append(syncer.submit(layout.fsync_path, path, True)))
         writes: list[list[concurrent.futures.Future]] = [[], []]  # per slab: its tensors being written
         try:
           slabs = layout.Slabs(SLAB_BYTES)
