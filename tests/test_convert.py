@@ -198,12 +198,31 @@ def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path
           time.sleep(0.001)  # the next chunk waits for the recycler to catch up with this one
         assert recycler.dropped.get(path, 0) == (i + 1) * len(chunk), (i, dropped)
   finally:
-    recycler.stop()
+    recycler.close()
   sizes = [n for p, n in dropped if p == path]  # a write seen half-done may add a size between chunks
   assert {25_000, 50_000, 75_000, 100_000} <= set(sizes)
   assert all(b - a >= step for a, b in zip([0] + sizes, sizes)), sizes
   assert skipped not in {p for p, _ in dropped}
   assert open(path, "rb").read() == chunk * 4  # dropping clean pages loses nothing
+
+
+def test_a_finished_writer_frees_its_slabs_without_a_garbage_collection(tmp_path):
+  """Nothing the writer starts refers back to it (a cycle would hold its slabs, GBs at full scale, after
+  a conversion until the next full collection: in a notebook, or in a benchmark's later rounds)."""
+  import gc
+  import weakref
+  gc.disable()
+  try:
+    with layout.ParamsWriter(str(tmp_path), largest_leaf=1 << 20) as writer:
+      a = writer.empty((1000,), np.float32)
+      a[:] = np.arange(1000)
+      writer.write("w", a)
+      writer.finalize(str(tmp_path / "params"))
+    slab = weakref.ref(writer.slabs)
+    del writer, a
+    assert slab() is None
+  finally:
+    gc.enable()
 
 
 def test_mapped_reads_equal_file_reads_and_a_shard_cut_short_later_is_named(k2t, tmp_path):

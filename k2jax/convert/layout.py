@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import shutil
 import time
@@ -156,7 +157,7 @@ class Recycler:
     self.folders, self.skip, self.step, self.interval_s = folders, skip, step, interval_s
     self.dropped: dict[str, int] = {}  # path -> bytes synced and dropped so far
     self._stop = None
-    self._thread = None
+    self._threads: list = []
 
   def _poll(self) -> None:
     for folder in self.folders():
@@ -171,21 +172,29 @@ class Recycler:
           except FileNotFoundError:  # Orbax's temporary files come and go
             continue
 
-  def _run(self) -> None:
-    while not self._stop.wait(self.interval_s):
+  def _run(self, stop) -> None:
+    while not stop.wait(self.interval_s):
       self._poll()
 
   def start(self) -> None:
     import threading  # noqa: PLC0415
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, name="k2-convert-recycle", daemon=True)
-    self._thread.start()
+    thread = threading.Thread(target=self._run, args=(self._stop,), name="k2-convert-recycle", daemon=True)
+    thread.start()
+    self._threads.append(thread)
 
   def stop(self) -> None:
-    if self._thread is not None:
+    """Ends the polling without waiting for a sync in progress (the writer must not wait on the disk)."""
+    if self._stop is not None:
       self._stop.set()
-      self._thread.join()
-      self._thread = None
+      self._stop = None
+
+  def close(self) -> None:
+    """Stops, and waits for every sync started."""
+    self.stop()
+    for thread in self._threads:
+      thread.join()
+    self._threads = []
 
 
 def sync_tree(root: str) -> None:
@@ -297,6 +306,13 @@ def _deferred_file_sync():
     tensorstore_utils.get_ts_context = real
 
 
+def save_folders(path: str) -> list[str]:
+  """The folders Orbax's partial saves to `path` write into (`<path>.partial_save/pending_*` until
+  finalized)."""
+  parent, name = os.path.split(path)
+  return [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(name)]
+
+
 class ParamsWriter:
   """An Orbax parameter tree written a few leaves at a time (Orbax partial saves), so the model is never
   in memory at once. Leaves are numpy arrays (one host; best from `empty`, after `make_room`) or sharded
@@ -315,7 +331,9 @@ class ParamsWriter:
     self.syncer = concurrent.futures.ThreadPoolExecutor(1, "k2-convert-fsync")
     self.syncs: list[concurrent.futures.Future] = []
     self.synced: set[str] = set()
-    self.recycler = Recycler(self._save_folders, skip=self.synced)
+    # A function of the path, not a bound method: a cycle through the writer would keep its slabs
+    # (GBs) alive after the conversion until the next full garbage collection.
+    self.recycler = Recycler(functools.partial(save_folders, self.path), skip=self.synced)
     self._ctx = None
     # Orbax's import (~0.4 s, Python) runs while the first leaves are read (numpy, without the GIL).
     self._orbax = self.syncer.submit(import_orbax)
@@ -365,15 +383,10 @@ class ParamsWriter:
       self.slabs.swap()
     self.pending, self.pending_bytes = {}, 0
 
-  def _save_folders(self) -> list[str]:
-    """The folders Orbax's partial saves write into (`<path>.partial_save/pending_*` until finalized)."""
-    parent, name = os.path.split(self.path)
-    return [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(name)]
-
   def _sync_finished(self) -> None:
     """Queues an fsync of the files the batches written so far made (none is being written now, so no
     file is synced half-written and then skipped); the next batch is written meanwhile."""
-    files = [os.path.join(folder, f) for d in self._save_folders() for folder, _, fs in os.walk(d) for f in fs]
+    files = [os.path.join(folder, f) for d in save_folders(self.path) for folder, _, fs in os.walk(d) for f in fs]
     new = [f for f in files if f not in self.synced]
     if new:
       self.synced.update(new)
@@ -396,7 +409,7 @@ class ParamsWriter:
         self.wait()
       except Exception:  # noqa: BLE001  (the first error is the one to report)
         pass
-    self.recycler.stop()
+    self.recycler.close()
     self.syncer.shutdown(wait=True)
 
   def finalize(self, dest: str) -> None:
@@ -405,6 +418,7 @@ class ParamsWriter:
     self.flush()
     self.wait()
     self._sync_finished()
+    self.recycler.close()
     for f in self.syncs:
       f.result()
     with self.ctx:
