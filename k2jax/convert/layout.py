@@ -150,8 +150,9 @@ class Recycler:
   writes keep reusing the pages just freed and the page cache stays about `step` per file in size.
 
   On a VM whose host takes back idle memory, a page new to the page cache is what a buffered write costs
-  most: a first 680 MB batch took 5-8 s into new pages and ~1 s into pages freed just before
-  (benchmarks/NOTES.md). Files in `skip` (handed to the batch-end fsync) are left alone."""
+  most: a first 680 MB batch took 6.8-9.9 s into new pages, later ones ~1 s into pages freed just before
+  (benchmarks/NOTES.md). Files in `skip` (handed to the batch-end fsync) are left alone. Best effort: a
+  file it cannot sync is left to the batch-end fsync, which reports the error."""
 
   def __init__(self, folders, skip: set[str], step: int = RECYCLE_BYTES, interval_s: float = 0.02):
     self.folders, self.skip, self.step, self.interval_s = folders, skip, step, interval_s
@@ -160,7 +161,11 @@ class Recycler:
     self._threads: list = []
 
   def _poll(self) -> None:
-    for folder in self.folders():
+    try:
+      folders = self.folders()
+    except OSError:
+      return
+    for folder in folders:
       for root, _, files in os.walk(folder):
         for f in files:
           path = os.path.join(root, f)
@@ -169,7 +174,7 @@ class Recycler:
           try:
             if os.stat(path).st_size - self.dropped.get(path, 0) >= self.step:
               self.dropped[path] = _sync_and_drop(path)
-          except FileNotFoundError:  # Orbax's temporary files come and go
+          except OSError:  # Orbax's temporary files come and go; errors are the batch-end fsync's to report
             continue
 
   def _run(self, stop) -> None:
@@ -181,7 +186,7 @@ class Recycler:
     self._stop = threading.Event()
     thread = threading.Thread(target=self._run, args=(self._stop,), name="k2-convert-recycle", daemon=True)
     thread.start()
-    self._threads.append(thread)
+    self._threads = [t for t in self._threads if t.is_alive()] + [thread]
 
   def stop(self) -> None:
     """Ends the polling without waiting for a sync in progress (the writer must not wait on the disk)."""
