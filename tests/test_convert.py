@@ -288,7 +288,8 @@ def test_export_streams_into_planned_shards_the_reference_reader_loads(k2t, conv
       drop and dropped.__setitem__(os.path.basename(path), os.path.getsize(path)), real_fsync(path, drop))[1])
   again = str(tmp_path / "again")
   export(converted, again, max_shard_bytes=300_000, progress=False)
-  shard_files = {f: os.path.getsize(os.path.join(again, f)) for f in os.listdir(again) if f.endswith(".safetensors")}
+  shard_files = {f: os.path.getsize(os.path.join(again, f)) for f in os.listdir(again)
+                 if f.endswith(".safetensors")}
   assert {f: n for f, n in dropped.items() if f.endswith(".safetensors")} == shard_files
   monkeypatch.undo()
   from k2jax.safetensors_io import ShardWriter

@@ -188,9 +188,9 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
   Streams: Orbax restores the next leaves while this one's tensors are transposed (on a thread per
   core) into one of two host slabs, and a writer thread puts them into the shard files in order (their
   headers are planned from shapes, so nothing is gathered), each shard fsynced in the background every
-  `layout.RECYCLE_BYTES` written and when it is complete, its synced pages then dropped from the page cache
-  (so little is left to sync at the end, and the writes reuse the pages just freed). Host memory: two restores of up to
-  `RESTORE_BYTES` (or a leaf) plus the two slabs."""
+  `layout.RECYCLE_BYTES` written and when it is complete, its synced pages then dropped from the page
+  cache (so little is left to sync at the end, and the writes reuse the pages just freed). Host memory:
+  two restores of up to `RESTORE_BYTES` (or a leaf) plus the two slabs."""
   if fmt not in FORMATS:
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
   from k2jax.train import checkpointing  # noqa: PLC0415
