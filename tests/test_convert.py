@@ -175,10 +175,15 @@ def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path
   """Each time a file being written has grown by `step`, its bytes so far are synced and dropped from the
   page cache while the write goes on (Orbax's threads write a batch's files; the writer cannot see
   them); files handed to the batch-end fsync are left alone."""
-  import threading
   dropped = []  # (path, bytes synced) per sync-and-drop
-  real = layout._sync_and_drop
-  monkeypatch.setattr(layout, "_sync_and_drop", lambda path: dropped.append((path, real(path))) or dropped[-1][1])
+  real = layout.fsync_path
+
+  def fsync(path, drop=False):
+    n = real(path, drop)
+    if drop:
+      dropped.append((path, n))
+    return n
+  monkeypatch.setattr(layout, "fsync_path", fsync)
   folder = tmp_path / "batch"
   (folder / "d").mkdir(parents=True)
   skipped = str(folder / "d" / "done")

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,9 @@ class Staging:
       shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def fsync_path(path: str, drop: bool = False) -> None:
-  """fsync a file or folder by path; with `drop`, the file's pages then leave the page cache.
+def fsync_path(path: str, drop: bool = False) -> int:
+  """fsync a file or folder by path; with `drop`, the file's pages then leave the page cache. Returns
+  the size synced (another thread may still be writing the file).
 
   A streaming writer drops what it has synced: its page cache stays about a batch in size instead of
   growing with the output, and the next writes reuse the pages just freed. Fresh pages are what a
@@ -110,9 +112,11 @@ def fsync_path(path: str, drop: bool = False) -> None:
   CPU-s into fresh pages, 0.9 s dropping every 256 MB; benchmarks/NOTES.md)."""
   fd = os.open(path, os.O_RDONLY)
   try:
+    size = os.fstat(fd).st_size
     os.fsync(fd)
     if drop and hasattr(os, "posix_fadvise"):
       os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return size
   finally:
     os.close(fd)
 
@@ -128,20 +132,6 @@ def _fsync_all(paths: list[str]) -> None:
 
 
 RECYCLE_BYTES = 64 << 20  # a file being written is synced and dropped each time it grows by this much
-
-
-def _sync_and_drop(path: str) -> int:
-  """fdatasync of a file another thread may still be writing, then its synced bytes dropped from the
-  page cache; returns the size synced."""
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    size = os.fstat(fd).st_size
-    os.fdatasync(fd)
-    if hasattr(os, "posix_fadvise"):
-      os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
-    return size
-  finally:
-    os.close(fd)
 
 
 class Recycler:
@@ -173,7 +163,7 @@ class Recycler:
             continue
           try:
             if os.stat(path).st_size - self.dropped.get(path, 0) >= self.step:
-              self.dropped[path] = _sync_and_drop(path)
+              self.dropped[path] = fsync_path(path, drop=True)
           except OSError:  # Orbax's temporary files come and go; errors are the batch-end fsync's to report
             continue
 
@@ -182,7 +172,6 @@ class Recycler:
       self._poll()
 
   def start(self) -> None:
-    import threading  # noqa: PLC0415
     self._stop = threading.Event()
     thread = threading.Thread(target=self._run, args=(self._stop,), name="k2-convert-recycle", daemon=True)
     thread.start()
@@ -391,7 +380,8 @@ class ParamsWriter:
   def _sync_finished(self) -> None:
     """Queues an fsync of the files the batches written so far made (none is being written now, so no
     file is synced half-written and then skipped); the next batch is written meanwhile."""
-    files = [os.path.join(folder, f) for d in save_folders(self.path) for folder, _, fs in os.walk(d) for f in fs]
+    files = [os.path.join(folder, f)
+             for d in save_folders(self.path) for folder, _, fs in os.walk(d) for f in fs]
     new = [f for f in files if f not in self.synced]
     if new:
       self.synced.update(new)
