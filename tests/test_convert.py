@@ -174,7 +174,7 @@ def _write_leaves(tmp_path, want, biggest):
 def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path, monkeypatch):
   """Each time a file being written has grown by `step`, its bytes so far are synced and dropped from the
   page cache while the write goes on (Orbax's threads write a batch's files; the writer cannot see
-  them); files handed to the batch-end fsync are left alone."""
+  them); files handed to the batch-end fsync, and folders of finished saves, are left alone."""
   dropped = []  # (path, bytes synced) per sync-and-drop
   real = layout.fsync_path
 
@@ -189,8 +189,12 @@ def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path
   skipped = str(folder / "d" / "done")
   with open(skipped, "wb") as f:
     f.write(b"x" * 50_000)
+  finished = folder / "finished"
+  finished.mkdir()
+  (finished / "big").write_bytes(b"y" * 50_000)
   step, chunk = 10_000, np.random.default_rng(0).bytes(25_000)
-  recycler = layout.Recycler(lambda: [str(folder)], skip={skipped}, step=step, interval_s=0.001)
+  recycler = layout.Recycler(lambda: [str(folder)], skip={skipped}, skip_dirs={str(finished)}, step=step,
+                             interval_s=0.001)
   path = str(folder / "d" / "data")
   recycler.start()
   try:
@@ -207,7 +211,7 @@ def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path
   sizes = [n for p, n in dropped if p == path]  # a write seen half-done may add a size between chunks
   assert {25_000, 50_000, 75_000, 100_000} <= set(sizes)
   assert all(b - a >= step for a, b in zip([0] + sizes, sizes)), sizes
-  assert skipped not in {p for p, _ in dropped}
+  assert {p for p, _ in dropped} == {path}  # neither the skipped file nor the finished folder's
   assert open(path, "rb").read() == chunk * 4  # dropping clean pages loses nothing
 
 

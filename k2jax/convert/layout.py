@@ -134,6 +134,17 @@ def _fsync_all(paths: list[str]) -> None:
 RECYCLE_BYTES = 64 << 20  # a file being written is synced and dropped each time it grows by this much
 
 
+def walk(folders: list[str], skip_dirs=frozenset()) -> tuple[list[str], list[str]]:
+  """(files, folders) below `folders`, not descending into `skip_dirs`."""
+  files, dirs = [], []
+  for folder in folders:
+    for root, subdirs, names in os.walk(folder):
+      subdirs[:] = [d for d in subdirs if os.path.join(root, d) not in skip_dirs]
+      dirs.extend(os.path.join(root, d) for d in subdirs)
+      files.extend(os.path.join(root, f) for f in names)
+  return files, dirs
+
+
 class Recycler:
   """While a batch is being written (by Orbax's threads, which the writer does not see): every file under
   `folders()` is synced and dropped from the page cache each time it has grown by `step` bytes, so the
@@ -141,31 +152,31 @@ class Recycler:
 
   On a VM whose host takes back idle memory, a page new to the page cache is what a buffered write costs
   most: a first 680 MB batch took 6.8-9.9 s into new pages, later ones ~1 s into pages freed just before
-  (benchmarks/NOTES.md). Files in `skip` (handed to the batch-end fsync) are left alone. Best effort: a
-  file it cannot sync is left to the batch-end fsync, which reports the error."""
+  (benchmarks/NOTES.md). Files in `skip` (handed to the batch-end fsync) and folders in `skip_dirs`
+  (finished saves: at full scale thousands, which a poll would otherwise list 50 times a second) are left
+  alone. Best effort: a file it cannot sync is left to the batch-end fsync, which reports the error."""
 
-  def __init__(self, folders, skip: set[str], step: int = RECYCLE_BYTES, interval_s: float = 0.02):
-    self.folders, self.skip, self.step, self.interval_s = folders, skip, step, interval_s
+  def __init__(self, folders, skip: set[str], skip_dirs: set[str] = frozenset(), step: int = RECYCLE_BYTES,
+               interval_s: float = 0.02):
+    self.folders, self.skip, self.skip_dirs = folders, skip, skip_dirs
+    self.step, self.interval_s = step, interval_s
     self.dropped: dict[str, int] = {}  # path -> bytes synced and dropped so far
     self._stop = None
     self._threads: list = []
 
   def _poll(self) -> None:
     try:
-      folders = self.folders()
+      files, _ = walk(self.folders(), self.skip_dirs)
     except OSError:
       return
-    for folder in folders:
-      for root, _, files in os.walk(folder):
-        for f in files:
-          path = os.path.join(root, f)
-          if path in self.skip:
-            continue
-          try:
-            if os.stat(path).st_size - self.dropped.get(path, 0) >= self.step:
-              self.dropped[path] = fsync_path(path, drop=True)
-          except OSError:  # Orbax's temporary files come and go; errors are the batch-end fsync's to report
-            continue
+    for path in files:
+      if path in self.skip:
+        continue
+      try:
+        if os.stat(path).st_size - self.dropped.get(path, 0) >= self.step:
+          self.dropped[path] = fsync_path(path, drop=True)
+      except OSError:  # Orbax's temporary files come and go; errors are the batch-end fsync's to report
+        continue
 
   def _run(self, stop) -> None:
     while not stop.wait(self.interval_s):
@@ -325,9 +336,11 @@ class ParamsWriter:
     self.syncer = concurrent.futures.ThreadPoolExecutor(1, "k2-convert-fsync")
     self.syncs: list[concurrent.futures.Future] = []
     self.synced: set[str] = set()
+    self.finished_dirs: set[str] = set()  # folders of finished saves: never written again before finalize
     # A function of the path, not a bound method: a cycle through the writer would keep its slabs
     # (GBs) alive after the conversion until the next full garbage collection.
-    self.recycler = Recycler(functools.partial(save_folders, self.path), skip=self.synced)
+    self.recycler = Recycler(functools.partial(save_folders, self.path), skip=self.synced,
+                             skip_dirs=self.finished_dirs)
     self._ctx = None
     # Orbax's import (~0.4 s, Python) runs while the first leaves are read (numpy, without the GIL).
     self._orbax = self.syncer.submit(import_orbax)
@@ -380,8 +393,11 @@ class ParamsWriter:
   def _sync_finished(self) -> None:
     """Queues an fsync of the files the batches written so far made (none is being written now, so no
     file is synced half-written and then skipped); the next batch is written meanwhile."""
-    files = [os.path.join(folder, f)
-             for d in save_folders(self.path) for folder, _, fs in os.walk(d) for f in fs]
+    files, dirs = walk(save_folders(self.path), self.finished_dirs)
+    # Nothing is in flight, so every folder below the save folders holds a finished save (Orbax writes
+    # each save into a fresh folder): later walks need not descend into them. The commit's `sync_tree`
+    # syncs the whole tree whatever happens here.
+    self.finished_dirs.update(dirs)
     new = [f for f in files if f not in self.synced]
     if new:
       self.synced.update(new)
