@@ -104,33 +104,66 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 # INT4 words: HF stores them [out, in/8] (word w of a row = group w // 4, word w % 4 in it), k2jax as
-# [4, in/32, out]. One strided 3-D copy between the two runs a 4-element inner loop (numpy's overhead per
-# step); as a 2-D transpose plus a copy of whole rows (each through a kept scratch buffer) it runs about
-# twice as fast.
+# [4, in/32, out]. A group's 4 words are contiguous in HF's layout, so the words move as 16-byte items
+# (complex128: a copy moves bytes, it never does arithmetic, so every bit pattern goes through): a 2-D
+# transpose of [out, in/32] items a block at a time through a kept buffer, then each block's words dealt
+# to their 4 rows. A quarter of numpy's per-element steps of an int32 transpose, and the deal reads the
+# block in cache: 1.3-1.5x the previous transpose + row copy (benchmarks/NOTES.md).
+WORD_ROWS = 512  # block: rows of `out` x groups, 512 KB of words
+WORD_GROUPS = 64
+_ITEM = np.dtype(np.complex128)
 
 
-def _scratch_words(n: int, dtype) -> np.ndarray:
+def _word_block() -> np.ndarray:
   buf = getattr(_scratch, "words", None)
-  if buf is None or buf.nbytes < n * np.dtype(dtype).itemsize:
-    buf = _scratch.words = np.empty(n * np.dtype(dtype).itemsize, np.uint8)
-  return buf[:n * np.dtype(dtype).itemsize].view(dtype)
+  if buf is None:
+    buf = _scratch.words = np.empty(WORD_ROWS * WORD_GROUPS, _ITEM)
+  return buf
+
+
+def _hf_words_of(packed: np.ndarray) -> np.ndarray | None:
+  """The HF words [N, 4G] that `packed` [4, G, N] is a view of (`int4.from_hf(..., copy=False)`), or None."""
+  r, g, n = packed.shape
+  words = _view_as(packed.transpose(2, 1, 0), (n, g * r))
+  if words is None or r != 4 or words.dtype.itemsize != 4 or words.strides[1] != 4:
+    return None
+  return words
 
 
 def copy_words_to_packed(dst: np.ndarray, packed: np.ndarray) -> None:
   """dst[4, G, N] = packed, a view of HF words [N, 4G] as [4, G, N] (`int4.from_hf(..., copy=False)`)."""
-  r, g, n = packed.shape
-  flat = _view_as(packed.swapaxes(0, 1), (g * r, n))  # the words transposed, [4G, N]
-  if flat is None:  # not such a view: the plain way
+  words = _hf_words_of(packed)
+  if words is None or not dst.flags.c_contiguous:  # not such a view: the plain way
     copy_into(dst, packed)
     return
-  t = _scratch_words(g * r * n, dst.dtype).reshape(g * r, n)
-  copy_into(t, flat)
-  np.copyto(dst, t.reshape(g, r, n).swapaxes(0, 1))
+  r, g, n = dst.shape
+  items = words.view(_ITEM)  # [N, G]: a group's 4 words each
+  buf = _word_block()
+  for i0 in range(0, n, WORD_ROWS):
+    i1 = min(n, i0 + WORD_ROWS)
+    for j0 in range(0, g, WORD_GROUPS):
+      j1 = min(g, j0 + WORD_GROUPS)
+      t = buf[:(j1 - j0) * (i1 - i0)].reshape(j1 - j0, i1 - i0)
+      np.copyto(t, items[i0:i1, j0:j1].T)
+      t_words = t.view(dst.dtype).reshape(j1 - j0, i1 - i0, r)
+      for k in range(r):
+        np.copyto(dst[k, j0:j1, i0:i1], t_words[:, :, k])
 
 
 def copy_packed_to_words(dst: np.ndarray, packed: np.ndarray) -> None:
-  """dst[N, 4G] (HF words) from packed [4, G, N]."""
+  """dst[N, 4G] (HF words) from packed [4, G, N]: the same blocks the other way."""
   r, g, n = packed.shape
-  t = _scratch_words(g * r * n, dst.dtype).reshape(g, r, n)
-  np.copyto(t, packed.swapaxes(0, 1))
-  copy_into(dst, t.reshape(g * r, n).T)
+  if r != 4 or not dst.flags.c_contiguous or dst.dtype.itemsize != 4:
+    copy_into(dst, packed.transpose(2, 1, 0).reshape(n, g * r))
+    return
+  items = dst.view(_ITEM)  # [N, G]
+  buf = _word_block()
+  for j0 in range(0, g, WORD_GROUPS):
+    j1 = min(g, j0 + WORD_GROUPS)
+    for i0 in range(0, n, WORD_ROWS):
+      i1 = min(n, i0 + WORD_ROWS)
+      t = buf[:(j1 - j0) * (i1 - i0)].reshape(j1 - j0, i1 - i0)
+      t_words = t.view(dst.dtype).reshape(j1 - j0, i1 - i0, r)
+      for k in range(r):
+        np.copyto(t_words[:, :, k], packed[k, j0:j1, i0:i1])
+      np.copyto(items[i0:i1, j0:j1], t.T)

@@ -102,12 +102,17 @@ def test_tiled_copy_into_place_equals_numpy(dtype, to):
 
 
 def test_int4_words_copied_between_hf_and_packed_layouts():
-  """HF words [out, in/8] <-> packed [4, in/32, out] through a 2-D transpose and a row copy, against
-  int4's own reshapes; a packed view that is not of HF words takes the plain copy."""
+  """HF words [out, in/8] <-> packed [4, in/32, out], a group's 4 words moved as one 16-byte float item,
+  against int4's own reshapes, on shapes that leave partial blocks both ways and with words whose pairs
+  and quadruples are NaN bit patterns (quiet and signalling, with payloads), which must go through
+  unchanged; a packed view that is not of HF words takes the plain copy."""
   from k2jax import host_copy
   rng = np.random.default_rng(3)
-  for n_out, groups in [(host_copy.TILE_ROWS + 3, 5), (40, 3 * host_copy.TILE_COLS + 2)]:
+  nan_words = np.array([0x7FF00001, 0x7FF80000, -1, 0x7FF00000, 1, -0x000FFFFF, 0x7FC00001, 0x7F800001],
+                       np.int64).astype(np.int32)
+  for n_out, groups in [(host_copy.WORD_ROWS + 3, 5), (40, 3 * host_copy.WORD_GROUPS + 2)]:
     words = rng.integers(-2**31, 2**31 - 1, (n_out, 4 * groups), dtype=np.int32)
+    words[::7, :8] = nan_words
     packed = int4.from_hf(words, np.zeros((n_out, groups), ml_dtypes.bfloat16), copy=False).packed
     dst = np.empty(packed.shape, np.int32)
     host_copy.copy_words_to_packed(dst, packed)
