@@ -114,11 +114,18 @@ WORD_GROUPS = 64
 _ITEM = np.dtype(np.complex128)
 
 
-def _word_block() -> np.ndarray:
+def _word_blocks(n: int, g: int, dtype):
+  """(rows of `out`, groups, block as [groups, rows] items, the same as [groups, rows, 4] words) for
+  every block, in a kept per-thread buffer."""
   buf = getattr(_scratch, "words", None)
   if buf is None:
     buf = _scratch.words = np.empty(WORD_ROWS * WORD_GROUPS, _ITEM)
-  return buf
+  for i0 in range(0, n, WORD_ROWS):
+    rows = slice(i0, min(n, i0 + WORD_ROWS))
+    for j0 in range(0, g, WORD_GROUPS):
+      groups = slice(j0, min(g, j0 + WORD_GROUPS))
+      t = buf[:(groups.stop - j0) * (rows.stop - i0)].reshape(groups.stop - j0, rows.stop - i0)
+      yield rows, groups, t, t.view(dtype).reshape(*t.shape, -1)
 
 
 def _hf_words_of(packed: np.ndarray) -> np.ndarray | None:
@@ -138,32 +145,20 @@ def copy_words_to_packed(dst: np.ndarray, packed: np.ndarray) -> None:
     return
   r, g, n = dst.shape
   items = words.view(_ITEM)  # [N, G]: a group's 4 words each
-  buf = _word_block()
-  for i0 in range(0, n, WORD_ROWS):
-    i1 = min(n, i0 + WORD_ROWS)
-    for j0 in range(0, g, WORD_GROUPS):
-      j1 = min(g, j0 + WORD_GROUPS)
-      t = buf[:(j1 - j0) * (i1 - i0)].reshape(j1 - j0, i1 - i0)
-      np.copyto(t, items[i0:i1, j0:j1].T)
-      t_words = t.view(dst.dtype).reshape(j1 - j0, i1 - i0, r)
-      for k in range(r):
-        np.copyto(dst[k, j0:j1, i0:i1], t_words[:, :, k])
+  for rows, groups, t, t_words in _word_blocks(n, g, dst.dtype):
+    np.copyto(t, items[rows, groups].T)
+    for k in range(r):
+      np.copyto(dst[k, groups, rows], t_words[:, :, k])
 
 
 def copy_packed_to_words(dst: np.ndarray, packed: np.ndarray) -> None:
   """dst[N, 4G] (HF words) from packed [4, G, N]: the same blocks the other way."""
   r, g, n = packed.shape
-  if r != 4 or not dst.flags.c_contiguous or dst.dtype.itemsize != 4:
-    copy_into(dst, packed.transpose(2, 1, 0).reshape(n, g * r))
+  if r != 4 or dst.dtype.itemsize != 4 or not dst.flags.c_contiguous:  # not HF words: the plain way
+    np.copyto(dst, np.ascontiguousarray(packed.transpose(2, 1, 0)).reshape(n, g * r))
     return
   items = dst.view(_ITEM)  # [N, G]
-  buf = _word_block()
-  for j0 in range(0, g, WORD_GROUPS):
-    j1 = min(g, j0 + WORD_GROUPS)
-    for i0 in range(0, n, WORD_ROWS):
-      i1 = min(n, i0 + WORD_ROWS)
-      t = buf[:(j1 - j0) * (i1 - i0)].reshape(j1 - j0, i1 - i0)
-      t_words = t.view(dst.dtype).reshape(j1 - j0, i1 - i0, r)
-      for k in range(r):
-        np.copyto(t_words[:, :, k], packed[k, j0:j1, i0:i1])
-      np.copyto(items[i0:i1, j0:j1], t.T)
+  for rows, groups, t, t_words in _word_blocks(n, g, dst.dtype):
+    for k in range(r):
+      np.copyto(t_words[:, :, k], packed[k, groups, rows])
+    np.copyto(items[rows, groups], t.T)

@@ -274,37 +274,6 @@ def import_orbax() -> None:
 
 BATCH_BYTES = 256 << 20  # leaves gathered into one Orbax save (each save has a fixed cost, ~40 ms)
 
-# Stored chunks of a leaf: whole slices along its leading axes (layer, then expert) of at most CHUNK_BYTES,
-# not Orbax's default (splitting the largest axes first, so a 1T INT4 expert stack's 2 GiB chunks each
-# span all 60 layers and 128 of the 384 experts). A chunk then is one contiguous run of the leaf, a
-# restore reads chunks in parallel (`k2-export` 1.37x, inference load 1.1x here: benchmarks/NOTES.md),
-# and a host that loads only its layers or experts reads only their chunks. Chunks under MIN_CHUNK_BYTES
-# (an embedding's single rows) would cost more per chunk than they save: one axis fewer, or Orbax's way.
-CHUNK_BYTES = 256 << 20
-MIN_CHUNK_BYTES = 1 << 20
-
-
-def chunk_axes(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
-  """Leading axes to store one index of per chunk (`StorageOptions.shard_axes`), or None for Orbax's own
-  chunking (a leaf within CHUNK_BYTES is one chunk)."""
-  size = int(np.prod(shape, dtype=np.int64)) * itemsize
-  if size <= CHUNK_BYTES:
-    return None
-  for k in range(1, len(shape)):
-    chunk = size // int(np.prod(shape[:k], dtype=np.int64))
-    if chunk <= CHUNK_BYTES:
-      k = k if chunk >= MIN_CHUNK_BYTES else k - 1
-      return tuple(range(k)) or None
-  return tuple(range(len(shape) - 1)) or None
-
-
-def _storage_options(keypath, value):
-  """Orbax's per-leaf storage options: `chunk_axes` (None: the context's defaults)."""
-  from orbax.checkpoint import v1 as ocp  # noqa: PLC0415
-  axes = chunk_axes(tuple(value.shape), np.dtype(value.dtype).itemsize)
-  return None if axes is None else ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=axes)
-
-
 
 def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:
   """Leaf paths in the order to convert them. Writing a batch overlaps reading the next one, except
@@ -384,8 +353,6 @@ class ParamsWriter:
       self._ctx = ocp.Context()
       # Weights (INT4 words above all) barely compress; zstd would cost more time than it saves.
       self._ctx.array.saving.use_compression = False
-      self._ctx.array.saving.ocdbt_target_data_file_size = CHUNK_BYTES
-      self._ctx.array.saving.scoped_storage_options_creator = _storage_options
       # Leaves are never modified after they are handed over, so Orbax need not copy them first.
       self._ctx.memory_options.deepcopy_host_arrays = False
     return self._ctx
