@@ -41,21 +41,14 @@ def _same_output(a: str, b: str, mode: str) -> bool:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from k2jax import int4  # noqa: PLC0415
   from k2jax.convert import orbax_to_hf  # noqa: PLC0415
-  from k2jax.train import checkpointing  # noqa: PLC0415
-  (ma, sa, meta, c), (mb, sb, *_) = orbax_to_hf.open_checkpoint(a), orbax_to_hf.open_checkpoint(b)
-  try:
-    like = checkpointing.abstract_params_of(meta, c)
-    for path, leaf in orbax_to_hf._flat(like, lambda x: isinstance(x, int4.QuantizedWeight)):  # noqa: SLF001
-      va, vb = (orbax_to_hf._restore(m, s, {path: leaf})[path] for m, s in ((ma, sa), (mb, sb)))  # noqa: SLF001
-      for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
-        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
-          return False
-    return True
-  finally:
-    ma.close()
-    mb.close()
+  for (pa, va), (pb, vb) in zip(orbax_to_hf.read_leaves(a), orbax_to_hf.read_leaves(b), strict=True):
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True):
+      if pa != pb or x.dtype != y.dtype or x.shape != y.shape:
+        return False
+      if not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
+        return False
+  return True
 
 
 def main(argv):

@@ -16,7 +16,7 @@ import pytest
 
 from k2jax import hf, int4, params, presets
 from k2jax.config import K2Config
-from k2jax.convert import convert, export, layout, plan_convert, plan_export
+from k2jax.convert import convert, export, layout, orbax_to_hf, plan_convert, plan_export
 from k2jax.safetensors_io import Checkpoint, SafetensorsError, save_file, save_sharded
 from k2jax.train import checkpointing
 from host_params import host_params
@@ -336,6 +336,15 @@ def test_converted_checkpoint_keeps_int4_and_loads_like_the_hf_folder(k2t, conve
   assert c == K2Config.from_hf(k2t)
   meta = checkpointing.read_meta(converted)
   assert meta["expert_format"] == "int4" and meta["int4_scale_dtype"] == "BF16"
+  # Leaf by leaf, as stored: the same values, INT4 words as int32.
+  flat = dict(jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, int4.QuantizedWeight))[0])
+  stored = dict(orbax_to_hf.read_leaves(converted))
+  assert len(stored) == len(flat)
+  for path, value in flat.items():
+    leaf = stored[params.path_str(path)]
+    for x, y in zip(jax.tree.leaves(leaf), jax.tree.leaves(value), strict=True):
+      assert isinstance(x, np.ndarray) and x.dtype == y.dtype
+      np.testing.assert_array_equal(x, np.asarray(y))
 
 
 def test_k2_train_init_from_a_converted_checkpoint(converted):

@@ -68,6 +68,19 @@ def _restore(manager, step: int, likes: dict[str, Any]) -> dict[str, Any]:
   return values
 
 
+def read_leaves(checkpoint: str):
+  """Every leaf of a converted checkpoint (or a k2-train workdir / step) as stored, one restore at a time:
+  (leaf path, numpy value or a QuantizedWeight of numpy). For comparing checkpoints without holding one."""
+  from k2jax.train import checkpointing  # noqa: PLC0415
+  manager, step, meta, c = open_checkpoint(checkpoint)
+  try:
+    like = checkpointing.abstract_params_of(meta, c)
+    for path, leaf in _flat(like, lambda x: isinstance(x, int4.QuantizedWeight)):
+      yield path, _restore(manager, step, {path: leaf})[path]
+  finally:
+    manager.close()
+
+
 def _batches(leaves: list[hf.Leaf], sizes: dict[str, int], batch_bytes: int) -> list[list[hf.Leaf]]:
   """Consecutive leaves gathered into restores of up to `batch_bytes` (a larger leaf alone)."""
   out: list[list[hf.Leaf]] = []
