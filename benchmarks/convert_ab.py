@@ -43,11 +43,11 @@ def _same_output(a: str, b: str, mode: str) -> bool:
 
   from k2jax.convert import orbax_to_hf  # noqa: PLC0415
   for (pa, va), (pb, vb) in zip(orbax_to_hf.read_leaves(a), orbax_to_hf.read_leaves(b), strict=True):
-    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True):
-      if pa != pb or x.dtype != y.dtype or x.shape != y.shape:
-        return False
-      if not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
-        return False
+    same = pa == pb and all(
+        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x.view(np.uint8), y.view(np.uint8))
+        for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True))
+    if not same:
+      return False
   return True
 
 

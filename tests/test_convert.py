@@ -176,11 +176,9 @@ def _write_leaves(tmp_path, want, biggest):
   assert all(b is not None for b in w.slabs.bufs)  # both slabs served
 
 
-def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path, monkeypatch):
-  """Each time a file being written has grown by `step`, its bytes so far are synced and dropped from the
-  page cache while the write goes on (Orbax's threads write a batch's files; the writer cannot see
-  them); files handed to the batch-end fsync, and folders of finished saves, are left alone."""
-  dropped = []  # (path, bytes synced) per sync-and-drop
+def _record_drops(monkeypatch) -> list[tuple[str, int]]:
+  """(path, bytes synced) of every sync that also drops the file from the page cache, from now on."""
+  dropped = []
   real = layout.fsync_path
 
   def fsync(path, drop=False):
@@ -189,6 +187,14 @@ def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path
       dropped.append((path, n))
     return n
   monkeypatch.setattr(layout, "fsync_path", fsync)
+  return dropped
+
+
+def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path, monkeypatch):
+  """Each time a file being written has grown by `step`, its bytes so far are synced and dropped from the
+  page cache while the write goes on (Orbax's threads write a batch's files; the writer cannot see
+  them); files handed to the batch-end fsync, and folders of finished saves, are left alone."""
+  dropped = _record_drops(monkeypatch)
   folder = tmp_path / "batch"
   (folder / "d").mkdir(parents=True)
   skipped = str(folder / "d" / "done")
@@ -296,15 +302,13 @@ def test_export_streams_into_planned_shards_the_reference_reader_loads(k2t, conv
       np.testing.assert_array_equal(v.reshape(-1).view(np.uint8), ref.get(k).reshape(-1).view(np.uint8), err_msg=k)
   _assert_same_tensors(k2t, back)
   # Every shard was synced and dropped from the page cache as it was written (`layout.RECYCLE_BYTES`).
-  dropped = {}
-  real_fsync = layout.fsync_path
-  monkeypatch.setattr(layout, "fsync_path", lambda path, drop=False: (
-      drop and dropped.__setitem__(os.path.basename(path), os.path.getsize(path)), real_fsync(path, drop))[1])
+  dropped = _record_drops(monkeypatch)
   again = str(tmp_path / "again")
   export(converted, again, max_shard_bytes=300_000, progress=False)
   shard_files = {f: os.path.getsize(os.path.join(again, f)) for f in os.listdir(again)
                  if f.endswith(".safetensors")}
-  assert {f: n for f, n in dropped.items() if f.endswith(".safetensors")} == shard_files
+  last_drop = {os.path.basename(p): n for p, n in dropped}  # the size at each shard's last sync and drop
+  assert {f: n for f, n in last_drop.items() if f.endswith(".safetensors")} == shard_files
   monkeypatch.undo()
   from k2jax.safetensors_io import ShardWriter
   w = ShardWriter(str(tmp_path), [("a", (2, 3), "BF16")])
