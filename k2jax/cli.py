@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -61,6 +62,55 @@ def _prog(argv: Sequence[str] | None) -> str:
   return os.path.basename(argv[0]) if argv else "k2jax"
 
 
+def _usage_exit(argv: Sequence[str], message: str) -> None:
+  print(f"{_prog(argv)}: error: {message} (--help lists the flags)", file=sys.stderr)
+  sys.exit(1)
+
+
+def unknown_config_field(error: BaseException, argv: Sequence[str], name: str = "config") -> str | None:
+  """The message for an override (`--config.a.b=...`) of a field the config does not have, which
+  ml_collections reports as a bare AttributeError / KeyError of the key (with a "Did you mean" line when
+  one is close); None when `error` names no key of the overrides in `argv` (then it is not a usage error)."""
+  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else ""  # args[0]: str(KeyError) would quote it once more
+  first, _, hint = text.partition("\n")
+  key, hint = first.strip("'\""), hint.strip()
+  for arg in argv:
+    match = re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+    path = match.group(1).split(".") if match else []
+    if key in path:
+      missing = ".".join(path[:path.index(key) + 1])
+      suggestion = f" ({hint[0].lower()}{hint[1:]})" if hint else ""
+      return f"--{name}.{match.group(1)}: the {name} has no field {missing!r}{suggestion}"
+  return None
+
+
+def define_config_file(default: str, help_text: str) -> None:
+  """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line the
+  default file is loaded here, overrides included: one naming a field the config lacks is a one-line
+  error and exit status 1, as it is when `--config` is given (`run` parses the flags then)."""
+  from ml_collections import config_flags  # noqa: PLC0415
+  try:
+    config_flags.DEFINE_config_file("config", default, help_text)
+  except (AttributeError, KeyError) as error:
+    message = unknown_config_field(error, sys.argv)
+    if message is None:
+      raise
+    _usage_exit(sys.argv, message)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an override of a missing config field reported as a usage error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    message = unknown_config_field(error, argv)
+    if message is None:
+      raise
+    _usage_exit(argv, message)
+
+
 def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = None) -> None:
   """`app.run(fail_cleanly(main))`, with the flags of `modules` shown by `--help`.
 
@@ -69,7 +119,7 @@ def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = Non
   """
   quiet_backend_probing()
   argv = list(argv or sys.argv)
-  for module in modules:
+  for module in [*modules, __name__]:  # __name__: `define_config_file`'s --config
     for flag in flags.FLAGS.get_flags_for_module(module):
       flags.FLAGS.register_key_flag_for_module(argv[0], flag)
-  app.run(fail_cleanly(main), argv=argv)
+  app.run(fail_cleanly(main), argv=argv, flags_parser=_parse_flags)

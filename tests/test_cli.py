@@ -1,6 +1,7 @@
 """Entry points: the smoke job runs, `--help` lists each tool's own flags, unknown flags are errors."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,9 @@ ENTRY_POINTS = {
     "k2jax.infer.chat_cli": ["--tools", "--think_budget", "--mesh"],
     "k2jax.train.trainer": ["--workdir", "--config", "--mesh"],
 }
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _run(module, *args, timeout=300):
@@ -49,6 +53,13 @@ def test_unknown_flag_is_named():
     ("k2jax.train.trainer", ["--workdir={file}"], "k2-tool: error: workdir {file} is a file, not a folder"),
     ("k2jax.plan", ["--mesh=bogus:2"], "k2-tool: error: unknown mesh axis 'bogus'"),
     ("k2jax.infer.generate", ["--hf_dir={missing}", "--prompt_ids=1"], "k2-tool: error: {missing} is missing"),
+    # A config field that does not exist, with the default config (loaded when the flag is defined) and
+    # with --config given (loaded when the flags are parsed).
+    ("k2jax.train.trainer", ["--workdir={missing}", "--config.optimizer.peak_lrr=1"],
+     "k2-tool: error: --config.optimizer.peak_lrr: the config has no field 'optimizer.peak_lrr' (did you "
+     "mean \"peak_lr\""),
+    ("k2jax.train.rl.runner", ["--workdir={missing}", f"--config={CONFIGS}/rl_tiny.py", "--config.nope.x=1"],
+     "k2-tool: error: --config.nope.x: the config has no field 'nope'"),
 ])
 def test_expected_errors_are_one_line_and_exit_1(module, args, message, tmp_path):
   names = {"file": tmp_path / "file", "missing": tmp_path / "missing"}
@@ -57,6 +68,7 @@ def test_expected_errors_are_one_line_and_exit_1(module, args, message, tmp_path
   assert res.returncode == 1
   assert res.stderr.strip().splitlines()[-1].startswith(message.format(**names)), res.stderr[-2000:]
   assert "Traceback" not in res.stderr
+  assert not names["missing"].exists()  # nothing written
 
 
 def test_fail_cleanly_reports_project_and_os_errors_and_keeps_bugs_loud(capsys, monkeypatch):

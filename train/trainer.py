@@ -362,9 +362,8 @@ def main(argv) -> None:
 def run() -> None:
   from k2jax import cli  # noqa: PLC0415
   from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
   if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", _default_config_path(), "Run config file (ml_collections).")
+    cli.define_config_file(_default_config_path(), "Run config file (ml_collections).")
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
     flags.mark_flag_as_required("workdir")
     flags.DEFINE_bool("allow_config_change", False, "Resume even though the run config differs from the "

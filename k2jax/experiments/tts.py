@@ -277,11 +277,10 @@ def _null():
 
 def run_cli() -> None:
   from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
 
   from k2jax import cli, sharding  # noqa: PLC0415
   if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", _default_config_path(), "Sweep config file (ml_collections).")
+    cli.define_config_file(_default_config_path(), "Sweep config file (ml_collections).")
     flags.DEFINE_string("workdir", None, "Results, plots and the trained model (embedded default) go here.")
     flags.mark_flag_as_required("workdir")
     flags.DEFINE_string("checkpoint", None, "Sweep a k2-train / k2-rl workdir or checkpoint instead of training.")

@@ -299,11 +299,10 @@ def main(argv) -> None:
 
 def run() -> None:
   from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
 
   from k2jax import cli  # noqa: PLC0415
   if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", _default_config_path(), "Run config file (ml_collections).")
+    cli.define_config_file(_default_config_path(), "Run config file (ml_collections).")
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and the warm start go here.")
     flags.DEFINE_string("init_checkpoint", None, "k2-train / k2-rl workdir or step folder to start RL from "
                         "(default: the embedded warm start).")
