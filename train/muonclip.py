@@ -32,6 +32,7 @@ _partition = getattr(optax, "partition", None) or optax.multi_transform
 # (expert matrices 512 x 256, 512 KB in fp32) one matrix per step ran fastest.
 NS_CPU_GROUP_BYTES = 1 << 19
 NS_DTYPES = ("float32", "bfloat16")
+MATRICES = ("muon", "adamw")  # what the 2-D weights get: MuonClip, or AdamW like the rest
 NS_DTYPE = "bfloat16"  # the default: the reference Muon implementations' dtype (see `muonclip`)
 
 
@@ -237,8 +238,8 @@ def muonclip(
   implementations run it: ~2.3x faster than fp32 on a CPU with bf16 matrix units, and on accelerators;
   the result differs from fp32's by ~1% relative, see tests) or "float32" (the fp32 iteration, exact).
   """
-  if matrices not in ("muon", "adamw"):
-    raise ValueError(f"matrices must be 'muon' or 'adamw', got {matrices!r}")
+  if matrices not in MATRICES:
+    raise ValueError(f"matrices must be one of {MATRICES}, got {matrices!r}")
   if ns_dtype not in NS_DTYPES:
     raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {ns_dtype!r}")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+DECAYS = ("cosine", "linear")
+
 
 def _decay(kind: str, peak_value: float, end_value: float, decay_steps: int) -> optax.Schedule:
   if kind == "cosine":

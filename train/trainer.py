@@ -24,7 +24,7 @@ import ml_collections
 from k2jax import params as params_lib
 from k2jax import presets, sharding
 from k2jax.config import K2Config
-from k2jax.train import checkpointing, data
+from k2jax.train import checkpointing, config_rules, data
 from k2jax.train import train_step as ts
 
 
@@ -184,17 +184,39 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f"the run config lacks {', '.join(missing)}; build it on configs/train_tiny.py "
                      "(train_tiny.get_config())")
+  check_choices(cfg)
+  config_rules.check_numbers(cfg, NUMBERS)
+  if cfg.data.batch_size % cfg.micro_batches:
+    raise ValueError(f"micro_batches ({cfg.micro_batches}) must divide data.batch_size ({cfg.data.batch_size})")
+
+
+# Numeric fields and their ranges (0 turns the *_every intervals and the loss terms off).
+NUMBERS = {
+    "num_steps": config_rules.COUNT, "stop_after_steps": config_rules.STEPS, "micro_batches": config_rules.COUNT,
+    "data.batch_size": config_rules.COUNT, "data.seq_len": config_rules.Number(integer=True, low=2),
+    "data.eval_fraction": config_rules.Number(low=0, high=1, high_open=True),
+    "log_every": config_rules.COUNT, "eval_every": config_rules.STEPS, "eval_batches": config_rules.STEPS,
+    "checkpoint_every": config_rules.STEPS, "keep_checkpoints": config_rules.COUNT,
+    "qk_clip_tau": config_rules.NON_NEGATIVE, "router_bias_u": config_rules.NON_NEGATIVE,
+    "aux_loss_alpha": config_rules.NON_NEGATIVE, **config_rules.OPTIMIZER,
+}
+
+
+def check_choices(cfg: ml_collections.ConfigDict) -> None:
+  """Fields with a fixed set of values, checked before anything is written (not at the first step's
+  trace); those the config has (k2-train's has them all but `optimizer.decay` / `matrices`, which
+  default; k2-rl's has no `data` or `layer_loop`)."""
   from k2jax.model import REMAT_POLICIES  # noqa: PLC0415
-  from k2jax.train import muonclip  # noqa: PLC0415
-  # Fields with a fixed set of values, checked before anything is written (not at the first step's trace).
+  from k2jax.train import muonclip, schedules  # noqa: PLC0415
   choices = {"remat": tuple(REMAT_POLICIES), "layer_loop": ts.LAYER_LOOPS, "moe_impl": sharding.MOE_IMPLS,
              "data.chat_targets": data.CHAT_TARGETS, "optimizer.ns_dtype": muonclip.NS_DTYPES,
+             "optimizer.decay": schedules.DECAYS, "optimizer.matrices": muonclip.MATRICES,
              "param_dtype": tuple(params_lib.DTYPES), "compute_dtype": tuple(params_lib.DTYPES)}
   for name, allowed in choices.items():
     section, _, field = name.rpartition(".")
-    value = (cfg[section] if section else cfg).get(field)
-    if value not in allowed:
-      raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    holder = cfg.get(section, {}) if section else cfg
+    if field in holder and holder[field] not in allowed:
+      raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {holder[field]!r}")
 
 
 def resolved(cfg: ml_collections.ConfigDict, c: K2Config, mesh) -> dict[str, Any]:
@@ -233,8 +255,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
   workdir = Path(workdir)
   c = presets.from_config_dict(cfg.model)
   cfg = _with_moe_impl(cfg, mesh)
+  train_ds, eval_set = _data(cfg)  # a data source that fails leaves no workdir behind
   _prepare_workdir(workdir)
-  train_ds, eval_set = _data(cfg)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)
   start = 0

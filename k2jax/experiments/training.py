@@ -76,6 +76,20 @@ def check_rl_steps(cfg, rl_steps: list[int]) -> None:
     raise ValueError(f"rl_step values {bad} are not saved by the RL run (num_steps={n}, checkpoint_every={every})")
 
 
+def check_config(cfg) -> None:
+  """The warm start's and the RL run's settings, before anything is written or trained (ValueError)."""
+  from k2jax.train import trainer  # noqa: PLC0415
+  from k2jax.train.rl import runner  # noqa: PLC0415
+  checks = [("train.sft", lambda: trainer.check_config(cfg.train.sft))]
+  if cfg.train.rl.num_steps > 0:  # else no RL run: the warm start is the model measured
+    checks.append(("train.rl", lambda: runner.check_config(rl_config(cfg))))
+  for section, check in checks:
+    try:
+      check()
+    except ValueError as e:
+      raise ValueError(f"{section}: {e}") from None
+
+
 def _rl(cfg, workdir: Path, sft_dir: Path, progress: bool) -> dict[int, Path]:
   """RL from the warm start (k2-rl's loop), resumed or reused; its saved models by step."""
   from k2jax.train import checkpointing  # noqa: PLC0415
@@ -105,6 +119,7 @@ def _record(cfg) -> dict:
 def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True) -> TrainedModels:
   """Trains what the workdir lacks (or reuses it) and returns the models along the RL run."""
   from k2jax.train import checkpointing, trainer  # noqa: PLC0415
+  check_config(cfg)
   record_path = workdir / TRAIN_RECORD
   record = _record(cfg)
   if record_path.exists() and json.loads(record_path.read_text()) != record:

@@ -214,6 +214,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
   workdir = Path(workdir)
   t0 = time.perf_counter()
   if trained_here:
+    try:
+      training.check_config(cfg)
+    except ValueError as e:
+      raise SweepError(str(e)) from None
     workdir.mkdir(parents=True, exist_ok=True)
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
     store = training.prepare(cfg, workdir, rl_steps, progress=progress)

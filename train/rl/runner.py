@@ -28,7 +28,7 @@ from k2jax import params as params_lib
 from k2jax.envs.base import task_seeds
 from k2jax.infer.engine import Engine
 from k2jax.infer.sampling import SamplingParams
-from k2jax.train import checkpointing, data, trainer
+from k2jax.train import checkpointing, config_rules, data, trainer
 from k2jax.train import train_step as ts
 from k2jax.train.rl import learner, rollout as ro
 from k2jax.train.rl import loss as rl_loss
@@ -50,14 +50,29 @@ def make_env(cfg: ml_collections.ConfigDict):
   return envs.get(cfg.env, **dict(cfg.get("env_options") or {}))
 
 
+# Numeric fields and their ranges (0 turns the *_every intervals, penalties and the PTX loss off).
+NUMBERS = {
+    **{name: config_rules.COUNT for name in (
+        "prompts_per_step", "num_steps", "updates_per_batch", "max_turns", "turn_tokens", "response_tokens",
+        "seq_len", "ptx_batch_size", "log_every", "keep_checkpoints", "warm_start.num_steps",
+        "warm_start.examples", "warm_start.batch_size")},
+    **{name: config_rules.STEPS for name in (
+        "stop_after_steps", "temperature_decay_steps", "eval_every", "eval_tasks", "checkpoint_every")},
+    **{name: config_rules.NON_NEGATIVE for name in (
+        "tau", "temperature", "temperature_end", "temperature_quantum", "length_penalty_weight",
+        "truncation_penalty", "ptx_weight", "qk_clip_tau", "router_bias_u")},
+    "clip_eps": config_rules.POSITIVE, "warm_start.seq_len": config_rules.Number(integer=True, low=2),
+    "warm_start.peak_lr": config_rules.POSITIVE, **config_rules.OPTIMIZER,
+}
+
+
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Clear errors for settings that cannot work, before anything is written."""
   rl_loss.get_objective(cfg.objective)
   if cfg.samples_per_prompt < 2:
     raise ValueError(f"the {cfg.objective} objective needs samples_per_prompt (K) >= 2, got {cfg.samples_per_prompt}")
-  for name in ("prompts_per_step", "num_steps", "updates_per_batch", "max_turns", "turn_tokens", "response_tokens"):
-    if cfg[name] < 1:
-      raise ValueError(f"{name} must be >= 1, got {cfg[name]}")
+  trainer.check_choices(cfg)
+  config_rules.check_numbers(cfg, NUMBERS)
   make_env(cfg)
 
 
