@@ -119,3 +119,44 @@ def test_cli_prints_and_saves_the_resolved_run(tmp_path):
   assert checkpointing.config_to_dict(presets.from_config_dict(again.model)) == saved["resolved"]["model"]
   assert presets.config_overrides(again.model) == SMALL_MODEL
   assert (again.data.train, again.num_steps, again.data.seq_len) == ("synthetic_chat", 2, 32)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.batch_size", 0, "data.batch_size must be an integer >= 1, got 0"),
+    ("data.seq_len", 1, "data.seq_len must be an integer >= 2, got 1"),
+    ("log_every", 0, "log_every must be an integer >= 1"),
+    ("eval_batches", -1, "eval_batches must be an integer >= 0"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be an integer >= 1, got 0"),
+    ("data.eval_fraction", 1.0, r"data.eval_fraction must be a number in \[0, 1\), got 1.0"),
+    ("optimizer.peak_lr", 0.0, "optimizer.peak_lr must be a number > 0"),
+    ("optimizer.adam_b2", 1.0, r"optimizer.adam_b2 must be a number in \[0, 1\)"),
+    ("optimizer.decay_fraction", 1.5, r"optimizer.decay_fraction must be a number in \[0, 1\]"),
+    ("optimizer.grad_clip", -1.0, "optimizer.grad_clip must be a number >= 0"),
+    ("micro_batches", 3, r"micro_batches \(3\) must divide data.batch_size \(8\)"),
+    ("optimizer.decay", "step", "optimizer.decay must be one of cosine, linear, got 'step'"),
+])
+def test_out_of_range_fields_are_named_before_anything_runs(field, value, message):
+  cfg = _load("train_tiny.py")
+  section, _, name = field.rpartition(".")
+  with cfg.unlocked():
+    (cfg[section] if section else cfg)[name] = value
+  with pytest.raises(ValueError, match=message):
+    trainer.check_config(cfg)
+
+
+def test_every_shipped_config_is_in_range():
+  from k2jax.experiments import training
+  from k2jax.train.rl import runner
+  for name, entry in ENTRY_POINTS.items():
+    if entry == "k2-train" and name != "from_workdir.py":
+      trainer.check_config(_load(name))
+  runner.check_config(_load("rl_tiny.py"))
+  training.check_config(_load("tts_tiny.py"))
+
+
+def test_number_rule_bounds_and_types():
+  from k2jax.train import config_rules as rules
+  assert [rules.DECAY_RATE.admits(v) for v in (0, 0.5, 1.0, -0.1)] == [True, True, False, False]
+  assert [rules.COUNT.admits(v) for v in (1, 0, 2.0, True)] == [True, False, False, False]  # bools are not counts
+  assert [rules.POSITIVE.admits(v) for v in (1e-9, 0.0)] == [True, False]
+  assert str(rules.FRACTION) == "a number in [0, 1]" and str(rules.STEPS) == "an integer >= 0"

@@ -265,3 +265,16 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert p.returncode == 1 and needle in p.stderr and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0
   assert not (tmp_path / "w").exists()
+
+
+def test_out_of_range_fields_are_named(tmp_path):
+  for change, message in [({"clip_eps": 0.0}, "clip_eps must be a number > 0"),
+                          ({"temperature": -1.0}, "temperature must be a number >= 0"),
+                          ({"ptx_batch_size": 0}, "ptx_batch_size must be an integer >= 1")]:
+    with pytest.raises(ValueError, match=message):
+      runner.train_rl(_tiny_cfg(**change), tmp_path / "w")
+  cfg = _tiny_cfg()
+  cfg.warm_start.seq_len = 1
+  with pytest.raises(ValueError, match="warm_start.seq_len must be an integer >= 2"):
+    runner.train_rl(cfg, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
