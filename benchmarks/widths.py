@@ -130,6 +130,8 @@ def _train_batches(n, batch=TRAIN_BATCH):
 
 
 def train_k2jax(args, matrices: str = "muon", ns_dtype: str = "bfloat16") -> dict:
+  from k2jax import host_memory  # noqa: PLC0415
+  host_memory.keep_scratch_mapped()  # as k2-train (and k2-rl, k2-tts) run their steps
   import jax  # noqa: PLC0415
   from k2jax import params as params_lib  # noqa: PLC0415
   from k2jax.configs import train_tiny  # noqa: PLC0415

@@ -111,13 +111,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _usage_exit(argv, message)
 
 
-def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = None) -> None:
+def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = None,
+        keep_scratch_mapped: bool = False) -> None:
   """`app.run(fail_cleanly(main))`, with the flags of `modules` shown by `--help`.
 
   absl's `--help` lists the flags of the module named by argv[0]; for a console script that is the
   wrapper file, which defines none, so the entry point's own flags are registered under it.
+  `keep_scratch_mapped`: for tools that run the same programs many times (training, RL); see
+  `host_memory.keep_scratch_mapped`.
   """
   quiet_backend_probing()
+  if keep_scratch_mapped:
+    from k2jax import host_memory  # noqa: PLC0415
+    host_memory.keep_scratch_mapped()
   argv = list(argv or sys.argv)
   for module in [*modules, __name__]:  # __name__: `define_config_file`'s --config
     for flag in flags.FLAGS.get_flags_for_module(module):

@@ -392,7 +392,7 @@ def run() -> None:
                       "checkpoint's (by default the differing fields are named and the run refused).")
     from k2jax import sharding  # noqa: PLC0415
     sharding.define_mesh_flag()
-  cli.run(main, [__name__, "k2jax.sharding"])
+  cli.run(main, [__name__, "k2jax.sharding"], keep_scratch_mapped=True)
 
 
 if __name__ == "__main__":

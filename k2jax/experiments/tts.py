@@ -291,7 +291,7 @@ def run_cli() -> None:
     flags.DEFINE_string("hf_dir", None, "Sweep an HF checkpoint folder (e.g. K2 Thinking) instead of training.")
     flags.DEFINE_string("axes", None, f"Comma-separated subset of the config's axes ({', '.join(sweep.AXES)}).")
     sharding.define_mesh_flag()
-  cli.run(main, [__name__, "k2jax.sharding"])
+  cli.run(main, [__name__, "k2jax.sharding"], keep_scratch_mapped=True)
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ def run() -> None:
     flags.DEFINE_string("init_checkpoint", None, "k2-train / k2-rl workdir or step folder to start RL from "
                         "(default: the embedded warm start).")
     flags.mark_flag_as_required("workdir")
-  cli.run(main, [__name__])
+  cli.run(main, [__name__], keep_scratch_mapped=True)
 
 
 if __name__ == "__main__":
