@@ -2,6 +2,7 @@
 expected errors as one line on stderr with a non-zero exit instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -51,8 +52,7 @@ def fail_cleanly(main: Callable) -> Callable:
       usage = isinstance(error, app.UsageError)
       if not (usage or is_expected(error)) or os.environ.get("K2JAX_TRACEBACK"):
         raise
-      message = " ".join(str(error).split()) or type(error).__name__
-      print(f"{_prog(argv)}: error: {message}" + (" (--help lists the flags)" if usage else ""), file=sys.stderr)
+      _print_error(argv, " ".join(str(error).split()) or type(error).__name__, usage)
       sys.exit(error.exitcode if usage else 1)
 
   return wrapped
@@ -62,12 +62,11 @@ def _prog(argv: Sequence[str] | None) -> str:
   return os.path.basename(argv[0]) if argv else "k2jax"
 
 
-def _usage_exit(argv: Sequence[str], message: str) -> None:
-  print(f"{_prog(argv)}: error: {message} (--help lists the flags)", file=sys.stderr)
-  sys.exit(1)
+def _print_error(argv: Sequence[str] | None, message: str, usage: bool) -> None:
+  print(f"{_prog(argv)}: error: {message}" + (" (--help lists the flags)" if usage else ""), file=sys.stderr)
 
 
-def unknown_config_field(error: BaseException, argv: Sequence[str], name: str = "config") -> str | None:
+def _unknown_config_field(error: BaseException, argv: Sequence[str], name: str = "config") -> str | None:
   """The message for an override (`--config.a.b=...`) of a field the config does not have, which
   ml_collections reports as a bare AttributeError / KeyError of the key (with a "Did you mean" line when
   one is close); None when `error` names no key of the overrides in `argv` (then it is not a usage error)."""
@@ -86,29 +85,33 @@ def unknown_config_field(error: BaseException, argv: Sequence[str], name: str = 
   return None
 
 
-def define_config_file(default: str, help_text: str) -> None:
-  """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line the
-  default file is loaded here, overrides included: one naming a field the config lacks is a one-line
-  error and exit status 1, as it is when `--config` is given (`run` parses the flags then)."""
-  from ml_collections import config_flags  # noqa: PLC0415
+@contextlib.contextmanager
+def _config_overrides_checked(argv: Sequence[str]):
+  """An override of a field the config lacks, raised while the config is loaded: a one-line usage error
+  and exit status 1 instead of ml_collections' traceback."""
   try:
-    config_flags.DEFINE_config_file("config", default, help_text)
+    yield
   except (AttributeError, KeyError) as error:
-    message = unknown_config_field(error, sys.argv)
+    message = _unknown_config_field(error, argv)
     if message is None:
       raise
-    _usage_exit(sys.argv, message)
+    _print_error(argv, message, usage=True)
+    sys.exit(1)
+
+
+def define_config_file(default: str, help_text: str) -> None:
+  """`config_flags.DEFINE_config_file("config", ...)`. Without `--config` on the command line the
+  default file is loaded here, overrides included; with it, when `run` parses the flags. Either way an
+  override of a missing field is a one-line error."""
+  from ml_collections import config_flags  # noqa: PLC0415
+  with _config_overrides_checked(sys.argv):
+    config_flags.DEFINE_config_file("config", default, help_text)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an override of a missing config field reported as a usage error."""
-  try:
+  """absl's flag parsing (the `--config` file is loaded here when given)."""
+  with _config_overrides_checked(argv):
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as error:
-    message = unknown_config_field(error, argv)
-    if message is None:
-      raise
-    _usage_exit(argv, message)
 
 
 def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = None,

@@ -1,6 +1,9 @@
 """Eight fake CPU devices for the sharding tests, and cheap CPU code generation; set before JAX creates its
 backends (subprocesses and notebook kernels the tests start inherit both)."""
 import os
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the shipped run configs, for the tests that load them
 
 # The tests compile hundreds of tiny programs and run each a few times: compiling dominates, and LLVM's
 # optimisation passes are much of it. Level 0 keeps IEEE semantics (no fast math at either level; a long sum

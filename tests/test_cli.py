@@ -1,9 +1,9 @@
 """Entry points: the smoke job runs, `--help` lists each tool's own flags, unknown flags are errors."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import CONFIGS
 
 ENTRY_POINTS = {
     "k2jax.smoke": ["--tiny_preset", "--mesh"],
@@ -13,9 +13,6 @@ ENTRY_POINTS = {
     "k2jax.infer.chat_cli": ["--tools", "--think_budget", "--mesh"],
     "k2jax.train.trainer": ["--workdir", "--config", "--mesh"],
 }
-
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _run(module, *args, timeout=300):

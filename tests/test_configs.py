@@ -4,16 +4,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import pytest
-from conftest import xla_flags
+from conftest import CONFIGS, xla_flags
 
 from k2jax import params as params_lib, presets
 from k2jax.train import checkpointing, train_step as ts, trainer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # config file -> the entry point it is for (k2-train configs run here; others name the test that runs them)
 ENTRY_POINTS = {"train_tiny.py": "k2-train", "sft_tiny.py": "k2-train", "k2_thinking.py": "k2-train",
                 "from_workdir.py": "k2-train",

@@ -42,7 +42,7 @@ def _huge_pages_always() -> bool:
     return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_scratch_mapped tunes glibc's malloc, on Linux only")
 def test_scratch_is_reused_across_calls_with_the_same_results():
   kept, plain = _probe("keep"), _probe("default")
   assert kept["applied"] and not kept["async"] and plain["async"]

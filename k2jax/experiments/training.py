@@ -117,9 +117,9 @@ def _record(cfg) -> dict:
 
 
 def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True) -> TrainedModels:
-  """Trains what the workdir lacks (or reuses it) and returns the models along the RL run."""
+  """Trains what the workdir lacks (or reuses it) and returns the models along the RL run (`check_config`
+  first: `tts.run` calls it before it makes the workdir)."""
   from k2jax.train import checkpointing, trainer  # noqa: PLC0415
-  check_config(cfg)
   record_path = workdir / TRAIN_RECORD
   record = _record(cfg)
   if record_path.exists() and json.loads(record_path.read_text()) != record:
