@@ -17,14 +17,15 @@ import sys
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-# Freed memory at the top of the heap is returned to the system past this much (mallopt takes an int).
-KEEP_BYTES = 2**31 - 1
+# As M_TRIM_THRESHOLD: never return the heap's free top to the system. A finite threshold (at most 2 GiB,
+# mallopt takes an int) gave the medium-width train step's scratch back every step: 1.1 M faults a step.
+NO_TRIM = -1
 OPT_OUT = "K2JAX_DEFAULT_MALLOC"  # set to 1 to leave malloc and JAX's dispatch as they are
 
 
 def keep_scratch_mapped() -> bool:
   """Before JAX starts its CPU client: runs programs on the calling thread and has glibc's malloc keep
-  large freed blocks mapped (up to `KEEP_BYTES` free at the heap's top). For processes that run the same
+  large freed blocks mapped (the heap is never trimmed). For processes that run the same
   programs many times (training, RL); a process's resident memory then stays near its peak. Returns
   whether it was applied: not without glibc, nor with `K2JAX_DEFAULT_MALLOC=1`."""
   if os.environ.get(OPT_OUT) == "1" or not sys.platform.startswith("linux"):
@@ -33,7 +34,7 @@ def keep_scratch_mapped() -> bool:
     mallopt = ctypes.CDLL("libc.so.6").mallopt
   except (OSError, AttributeError):  # another C library (musl, ...)
     return False
-  if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES)):
+  if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, NO_TRIM)):
     return False
   import jax  # noqa: PLC0415
   jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -58,3 +58,31 @@ def test_scratch_is_reused_across_calls_with_the_same_results():
 def test_opt_out_leaves_malloc_and_dispatch_alone():
   probe = _probe("keep", K2JAX_DEFAULT_MALLOC="1")
   assert not probe["applied"] and probe["async"]
+
+
+# A block past 2 GiB (the medium-width train step's scratch is larger) freed at the heap's top: the heap
+# keeps it for the next call. Address space only: no page of it is touched.
+TRIM_PROBE = """
+import ctypes, json
+from k2jax import host_memory
+applied = host_memory.keep_scratch_mapped()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes, libc.sbrk.argtypes = [ctypes.c_size_t], [ctypes.c_void_p], [ctypes.c_ssize_t]
+before = libc.sbrk(0)
+block = libc.malloc(3 << 30)
+grown = libc.sbrk(0)
+libc.free(block)
+print(json.dumps({"applied": applied, "grown": grown - before, "kept": libc.sbrk(0) - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_scratch_mapped tunes glibc's malloc, on Linux only")
+def test_a_freed_block_past_two_gib_stays_in_the_heap():
+  res = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr[-2000:]
+  probe = json.loads(res.stdout.strip().splitlines()[-1])
+  assert probe["applied"]
+  if probe["grown"] < 5 << 29:
+    pytest.skip("the heap could not grow by 2.5 GiB here (malloc mapped the block instead)")
+  assert probe["kept"] >= probe["grown"], probe  # a 2 GiB threshold gave ~3 GiB back
