@@ -27,10 +27,11 @@ NS_EPS = 1e-7
 _partition = getattr(optax, "partition", None) or optax.multi_transform
 
 
-# On CPU a stack of matrices goes through the iteration a few at a time: XLA:CPU runs a batched matmul
-# at about half the rate of 2-D ones, and a whole stack falls out of cache. At the small benchmark width
-# (expert matrices 512 x 256, 512 KB in fp32) one matrix per step ran fastest.
-NS_CPU_GROUP_BYTES = 1 << 19
+# On CPU a stack of matrices goes through the iteration a few at a time: a whole stack falls out of cache,
+# and a single small matrix leaves the bf16 products short of work. Groups of ~3 MB (fp32) measured best on
+# a quiet machine: 6 expert matrices of 512 x 256 (small benchmark width) or 2 of 1024 x 288 (medium); the
+# medium MuonClip step 0.94x, the small 0.95x against one matrix at a time; a 4 MB matrix goes alone.
+NS_CPU_GROUP_BYTES = 3 << 20
 NS_DTYPES = ("float32", "bfloat16")
 MATRICES = ("muon", "adamw")  # what the 2-D weights get: MuonClip, or AdamW like the rest
 NS_DTYPE = "bfloat16"  # the default: the reference Muon implementations' dtype (see `muonclip`)
