@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-# One program with 256 MB of scratch ([n, n] fp32, the product's operand), called eight times.
+# One program with 256 MB of scratch ([n, n] fp32, the product's operand), called 17 times.
 PROBE = """
 import json, resource, sys
 from k2jax import host_memory
@@ -18,7 +18,7 @@ f = jax.jit(lambda a, b, v: jnp.exp(jnp.outer(a, b)) @ v)
 a, b, v = (jnp.asarray(np.random.default_rng(i).standard_normal(n, np.float32) * 0.1) for i in range(3))
 out = f(a, b, v).block_until_ready()
 faults = []
-for _ in range(7):
+for _ in range(16):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   out = f(a, b, v).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -48,10 +48,10 @@ def test_scratch_is_reused_across_calls_with_the_same_results():
   assert kept["applied"] and not kept["async"] and plain["async"]
   pages = 8192 * 8192 * 4 // 4096
   # Fresh scratch faults every page on every call; kept, a call faults only when the heap's free block was
-  # split meanwhile (the heap then grows once more).
+  # split meanwhile (the heap then grows once more: seen on 1-4 of the first calls, then none).
   if not _huge_pages_always():  # 2 MB pages would fault 512x less either way
-    assert sorted(plain["faults"])[3] > pages // 2, plain["faults"]
-  assert sorted(kept["faults"])[3] < pages // 20, kept["faults"]
+    assert sorted(plain["faults"])[8] > pages // 2, plain["faults"]
+  assert sorted(kept["faults"])[8] < pages // 20, kept["faults"]
   assert kept["out"] == plain["out"]  # the same program, bit for bit
 
 
