@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-# One program with 256 MB of scratch ([n, n] fp32, the product's operand), called 17 times.
+# One program with 256 MB of scratch ([n, n] fp32, the product's operand): compiled, then called 16 times.
 PROBE = """
 import json, resource, sys
 from k2jax import host_memory
@@ -27,9 +27,14 @@ print(json.dumps({"applied": applied, "faults": faults, "out": np.asarray(out).t
 """
 
 
-def _probe(mode: str, **env) -> dict:
+GLIBC_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="keep_scratch_mapped tunes glibc's malloc, on Linux only")
+
+
+def _probe(mode: str, code: str = PROBE, **env) -> dict:
+  """The last stdout line of `code` run in a fresh process (its own malloc), as JSON."""
   env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env}  # one CPU device, as the CLIs
-  res = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300, env=env)
+  res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300, env=env)
   assert res.returncode == 0, res.stderr[-2000:]
   return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -42,7 +47,7 @@ def _huge_pages_always() -> bool:
     return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_scratch_mapped tunes glibc's malloc, on Linux only")
+@GLIBC_ONLY
 def test_scratch_is_reused_across_calls_with_the_same_results():
   kept, plain = _probe("keep"), _probe("default")
   assert kept["applied"] and not kept["async"] and plain["async"]
@@ -77,11 +82,9 @@ print(json.dumps({"applied": applied, "grown": grown - before, "kept": libc.sbrk
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_scratch_mapped tunes glibc's malloc, on Linux only")
+@GLIBC_ONLY
 def test_a_freed_block_past_two_gib_stays_in_the_heap():
-  res = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, timeout=120)
-  assert res.returncode == 0, res.stderr[-2000:]
-  probe = json.loads(res.stdout.strip().splitlines()[-1])
+  probe = _probe("keep", TRIM_PROBE)
   assert probe["applied"]
   if probe["grown"] < 5 << 29:
     pytest.skip("the heap could not grow by 2.5 GiB here (malloc mapped the block instead)")
