@@ -19,12 +19,13 @@ flags.DEFINE_list("tools", ["calculator", "python"], "Built-in tools to offer th
 flags.DEFINE_enum("python_isolation", "bwrap", ["bwrap", "unsafe"],
                   "How the python tool isolates model-written code: bwrap (OS sandbox, required by default) or "
                   "unsafe (no isolation at all).")
-flags.DEFINE_integer("max_new_tokens", 512, "Tokens per model turn.")
-flags.DEFINE_integer("max_steps", 16, "Model turns (tool-call rounds) per user message.")
+flags.DEFINE_integer("max_new_tokens", 512, "Tokens per model turn.", lower_bound=1)
+flags.DEFINE_integer("max_steps", 16, "Model turns (tool-call rounds) per user message.", lower_bound=1)
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus cut.")
-flags.DEFINE_integer("think_budget", None, "Force </think> after this many thinking tokens.")
-flags.DEFINE_integer("context", 8192, "Context budget in tokens (earlier tool outputs are hidden past it).")
+flags.DEFINE_integer("think_budget", None, "Force </think> after this many thinking tokens.", lower_bound=0)
+flags.DEFINE_integer("context", 8192, "Context budget in tokens (earlier tool outputs are hidden past it).",
+                     lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_string("system", None, "Optional system message.")
 flags.DEFINE_integer("heavy", 0, "Heavy mode: answer each message with this many trajectories in one batch, "
@@ -62,6 +63,12 @@ def main(argv):
   from k2jax.infer.policy import EnginePolicy  # noqa: PLC0415
   from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
 
+  if FLAGS.heavy < 0:
+    raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
+  try:  # before the model loads: a bad value is the first thing said, not a traceback at the first message
+    sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   mesh = sharding.mesh_from_flags()
   moe_impl = sharding.moe_impl_from_flags(mesh)
   try:
@@ -80,15 +87,12 @@ def main(argv):
         sandbox.require_sandbox()
       except sandbox.SandboxUnavailable as e:
         raise app.UsageError(f"{e} (flag --python_isolation=unsafe, or drop python from --tools)") from None
-  if FLAGS.heavy < 0:
-    raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
   try:
     tok = cli_common.load_tokenizer(FLAGS.hf_dir, config, FLAGS.checkpoint)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   params = sharding.place_for_inference(params, config, mesh)
   engine = Engine(params, config, max_len=FLAGS.context + FLAGS.max_new_tokens, moe_impl=moe_impl)
-  sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
   # Heavy mode decodes many rows at once: no streaming, the attempts are shown when they are done.
   policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, sampling, FLAGS.think_budget,
                         on_token=None if FLAGS.heavy else _Printer(tok))

@@ -165,7 +165,7 @@ def _seccomp_program(machine: str) -> bytes:
 def _python_paths() -> list[str]:
   """What the interpreter needs: itself, its prefixes' lib folders, a venv's config, system libraries."""
   paths = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32", "/usr/local/lib",
-           "/etc/ld.so.cache", "/etc/localtime", sys.executable]
+           "/etc/ld.so.cache", "/etc/localtime", *_interpreter_chain()]
   for prefix in dict.fromkeys((sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix)):
     paths += [os.path.join(prefix, "lib"), os.path.join(prefix, "lib64")]
   if sys.prefix != sys.base_prefix:
@@ -173,6 +173,17 @@ def _python_paths() -> list[str]:
   prefixes = tuple(p.rstrip("/") + "/" for p in (sys.base_prefix, sys.prefix))
   paths += [p for p in sys.path if p.startswith(prefixes)]
   return sorted({os.path.abspath(p) for p in paths if os.path.lexists(p)}, key=lambda p: (p.count("/"), p))
+
+
+def _interpreter_chain() -> list[str]:
+  """`sys.executable` and every link it goes through to the real file. A venv's python is a link to the
+  base interpreter (`/usr/bin/python3`, a pyenv build); when a folder holding a link is bound whole (a
+  console script's own folder, `venv/bin`, is `sys.path[0]`), the sandbox still needs the link's target."""
+  chain, path = [sys.executable], sys.executable
+  while os.path.islink(path) and len(chain) < 40:  # 40: the kernel's own limit on nested links
+    path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    chain.append(path)
+  return chain
 
 
 def _bwrap_command(bwrap: str, code_fd: int, seccomp_fd: int, limits: Limits) -> list[str]:
@@ -184,7 +195,7 @@ def _bwrap_command(bwrap: str, code_fd: int, seccomp_fd: int, limits: Limits) ->
     if any(path.startswith(parent + "/") for parent in covered):
       continue  # inside a folder already bound
     if os.path.islink(path) and path != sys.executable:  # the interpreter is bound as the file it points to
-      command += ["--symlink", os.readlink(path), path]
+      command += ["--symlink", os.readlink(path), path]  # (the files the link leads to are bound too)
     else:
       command += ["--ro-bind", path, path]
       covered.append(path)

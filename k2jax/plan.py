@@ -295,8 +295,9 @@ def run(argv=None):
   flags.DEFINE_integer("devices", None, "Device count, when --mesh leaves an axis open (-1) or is unset "
                        "(default: this machine's devices).")
   flags.DEFINE_float("device_memory_gib", 95.0, "Memory per device in GiB.")
-  flags.DEFINE_integer("batch", 16, "Sequences: served concurrently, or per training step.")
-  flags.DEFINE_integer("context", 4096, "Tokens per sequence.")
+  flags.register_validator("device_memory_gib", lambda gib: gib > 0, "--device_memory_gib must be > 0")
+  flags.DEFINE_integer("batch", 16, "Sequences: served concurrently, or per training step.", lower_bound=1)
+  flags.DEFINE_integer("context", 4096, "Tokens per sequence.", lower_bound=1)
   flags.DEFINE_enum("mode", "both", ["serve", "train", "both"], "Which budget(s) to print.")
   flags.DEFINE_enum("remat", "full", ["none", "full", "dots"], "Rematerialisation policy for training.")
   sharding.define_mesh_flag()

@@ -41,8 +41,8 @@ def run(argv=None) -> None:
 
   flags.DEFINE_string("preset", "k2_thinking", "Large preset to build abstractly.")
   flags.DEFINE_string("tiny_preset", "tiny", "Small preset to run.")
-  flags.DEFINE_integer("batch", 2, "Batch size of the tiny run.")
-  flags.DEFINE_integer("seq_len", 32, "Sequence length of the tiny run.")
+  flags.DEFINE_integer("batch", 2, "Batch size of the tiny run.", lower_bound=1)
+  flags.DEFINE_integer("seq_len", 32, "Sequence length of the tiny run (a next-token loss needs 2).", lower_bound=2)
   flags.DEFINE_integer("seed", 0, "Random seed.")
   from k2jax import sharding  # noqa: PLC0415
   sharding.define_mesh_flag()

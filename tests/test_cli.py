@@ -46,6 +46,19 @@ def test_unknown_flag_is_named():
   assert res.returncode != 0 and "presett" in res.stderr
 
 
+@pytest.mark.parametrize("module, entry, flag", [
+    ("k2jax.smoke", "run", "--seq_len=1"),  # a next-token loss needs two tokens
+    ("k2jax.plan", "run", "--batch=-1"),
+    ("k2jax.plan", "run", "--device_memory_gib=0"),
+    ("k2jax.convert.cli", "run_export", "--max_shard_gb=0"),
+])
+def test_numbers_out_of_range_are_flag_errors(module, entry, flag):
+  code = f"import sys; from {module} import {entry}; sys.argv[0] = 'k2-tool'; {entry}()"
+  res = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300)
+  assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert f"flag {flag.split('=')[0]}=" in res.stderr
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("k2jax.train.trainer", ["--workdir={file}"], "k2-tool: error: workdir {file} is a file, not a folder"),
     ("k2jax.plan", ["--mesh=bogus:2"], "k2-tool: error: unknown mesh axis 'bogus'"),

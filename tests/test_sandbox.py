@@ -63,6 +63,15 @@ print(sorted(results), "ünïcödé".upper())
   assert "notes.txt" not in run("import os; print(os.listdir('.'))").stdout  # each call starts fresh
 
 
+
+def test_works_from_a_console_script(monkeypatch):
+  # A console script (k2-chat) has its own folder first on sys.path: in a venv that is venv/bin, whose
+  # python is a link to the base interpreter outside every folder bound; the link must still lead somewhere.
+  monkeypatch.syspath_prepend(os.path.dirname(sys.executable))
+  result = run("import sys; print(sys.version_info[:2])")
+  assert result.returncode == 0, result.as_text()
+  assert result.stdout.strip() == str(tuple(sys.version_info[:2]))
+
 def test_no_network_even_to_a_host_listener_or_through_ctypes():
   listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   listener.bind(("127.0.0.1", 0))

@@ -125,6 +125,14 @@ def test_the_default_grid_plans():
     (lambda c, a: setattr(c.axes, "parallel", ()), "axis 'parallel' has an empty grid"),
     (lambda c, a: setattr(c, "env", "chess"), "unknown environment 'chess'"),
     (lambda c, a: a.clear() or a.append("heavy"), "--axes names 'heavy', which has no values"),
+    # The sweep's own numbers: each was once accepted and failed (or was silently replaced) only after the
+    # warm start had trained for minutes.
+    (lambda c, a: setattr(c, "n_problems", 0), r"n_problems must be an integer >= 1, got 0"),
+    (lambda c, a: setattr(c, "vote_temperature", -1.0), r"vote_temperature must be a number >= 0, got -1.0"),
+    (lambda c, a: setattr(c, "batch_size", 0), r"batch_size must be an integer >= 1, got 0"),
+    (lambda c, a: setattr(c, "max_len", 40), r"max_len \(40\) must exceed max_new_tokens \(48\)"),
+    (lambda c, a: setattr(c, "dtype", "fp8"), r"dtype must be one of \['bfloat16', 'float32'\], got 'fp8'"),
+    (lambda c, a: setattr(c.axis_problems_factor, "heavy", 0.0), r"axis_problems_factor.heavy must be a number > 0"),
 ])
 def test_bad_grids_are_refused_before_any_compute(change, message):
   cfg, axes = _cfg(parallel=(1, 2), thinking_budget=(0, 8)), ["parallel"]

@@ -30,6 +30,7 @@ flags.DEFINE_bool("dry_run", False, "Print the plan (tensors, bytes per dtype, l
                   "the measured disk speed) and write nothing.")
 flags.DEFINE_bool("allow_nonfinite", False, "k2-convert: accept NaN/Inf weights instead of failing.")
 flags.DEFINE_float("max_shard_gb", 4.0, "k2-export: largest safetensors shard, in GiB.")
+flags.register_validator("max_shard_gb", lambda gb: gb > 0, "--max_shard_gb must be > 0")
 flags.DEFINE_bool("progress", True, "Show a progress bar (bytes, rate, ETA).")
 flags.DEFINE_bool("json", False, "Print the summary (or the plan) as JSON.")
 sharding.define_mesh_flag()
