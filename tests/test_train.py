@@ -11,7 +11,7 @@ from k2jax import chat, int4, model, params as params_lib, presets
 from k2jax.configs import train_tiny
 from k2jax.kernels import gmm_xla
 from k2jax.tokenizer_build import tiny_tokenizer
-from k2jax.train import data, train_step as ts
+from k2jax.train import data, train_step as ts, trainer
 
 # Vocab stays at the tiny tokenizer's size; everything else is as small as the architecture allows.
 MODEL_OVERRIDES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n_routed_experts=4,
@@ -344,3 +344,21 @@ def _with(cfg, **overrides):
   for k, v in overrides.items():
     cfg[k] = v
   return cfg
+
+
+@pytest.mark.parametrize("name, save, message", [
+    ("floats.npy", lambda p: np.save(p, np.random.default_rng(0).random((4, 64))), "token ids must be integers"),
+    ("past.npy", lambda p: np.save(p, np.full((4, 64), 99_999, np.int32)), "token id 99999, outside the model's vocabulary"),
+    ("negative.jsonl", lambda p: p.write_text(json.dumps({"ids": [3, -2, 5] * 40}) + "\n"), "token id -2, outside"),
+    ("broken.jsonl", lambda p: p.write_text('{"text": "one"\n'), "broken.jsonl:1: "),
+    ("empty.txt", lambda p: p.write_text(""), "no documents in"),
+])
+def test_bad_training_data_is_named_before_the_workdir_exists(tmp_path, name, save, message):
+  # Ids past the embedding table were once trained on silently (the lookup clamps); floats were cast to ids.
+  from k2jax import cli
+  save(tmp_path / name)
+  cfg = train_tiny.get_config()
+  cfg.data.train, cfg.num_steps = str(tmp_path / name), 2
+  with pytest.raises(data.DataError, match=message) as error:
+    trainer.train(cfg, tmp_path / "run")
+  assert cli.is_expected(error.value) and not (tmp_path / "run").exists()

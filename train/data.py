@@ -25,6 +25,11 @@ from k2jax import chat
 Document = tuple[np.ndarray, np.ndarray]  # ids [n] int32, weights [n] float32
 
 
+class DataError(ValueError):
+  """Training data that cannot be used: the message names the source (file and line where there is one)
+  and the problem."""
+
+
 # ------------------------------------------------------------------ sources
 
 
@@ -109,7 +114,12 @@ def read_documents(path: str | Path, tokenizer=None, chat_targets: str = "last")
   `.jsonl` (rows with ids / text / messages) or `.txt` (one document per blank-line-separated block)."""
   path = Path(path)
   if path.suffix == ".npy":
-    arr = np.load(path, allow_pickle=False) if path.stat().st_size else np.zeros(0)
+    try:
+      arr = np.load(path, allow_pickle=False) if path.stat().st_size else np.zeros(0, np.int32)
+    except ValueError as e:  # not an .npy file, or an object array
+      raise DataError(f"{path}: {e}") from None
+    if arr.dtype.kind not in "iu":  # a cast would turn floats into ids silently
+      raise DataError(f"{path}: token ids must be integers, got an array of {arr.dtype}")
     rows = [arr] if arr.ndim == 1 else list(arr)
     return [(np.asarray(r, np.int32), np.ones(len(r), np.float32)) for r in rows]
   tokenizer = tokenizer or _default_tokenizer()
@@ -121,7 +131,7 @@ def read_documents(path: str | Path, tokenizer=None, chat_targets: str = "last")
           try:
             docs.append(_jsonl_doc(tokenizer, json.loads(line), chat_targets))
           except ValueError as e:  # json.JSONDecodeError included
-            raise ValueError(f"{path}:{number}: {e}") from None
+            raise DataError(f"{path}:{number}: {e}") from None
     return docs
   text = path.read_text(encoding="utf-8")
   return [_text_doc(tokenizer, block.strip()) for block in text.split("\n\n") if block.strip()]
@@ -186,11 +196,20 @@ def load_split(source: str, split: str, eval_fraction: float = 0.05, seed: int =
   else:
     docs = read_documents(source, tokenizer, chat_targets)
   if not docs:
-    raise ValueError(f"no documents in {source!r}")
+    raise DataError(f"no documents in {source!r}")
   every = max(2, round(1 / eval_fraction)) if eval_fraction > 0 else 0
   held = [every and i % every == every - 1 for i in range(len(docs))]
   picked = [d for d, h in zip(docs, held) if h == (split == "eval")]
   return picked or docs
+
+
+def check_token_ids(docs: Sequence[Document], vocab_size: int, source: str) -> None:
+  """Every id in [0, vocab_size): an embedding lookup past the table does not fail, it trains on a clamped row."""
+  for i, (ids, _) in enumerate(docs):
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+      raise DataError(f"{source}: document {i} has token id {int(bad[0])}, outside the model's vocabulary "
+                      f"[0, {vocab_size})")
 
 
 # ------------------------------------------------------------------ packing
@@ -240,7 +259,7 @@ class PackedDataset:
     self.epoch, self.cursor, self.seed = 0, 0, seed
     self._rows_epoch, self._rows = None, None
     if len(self._epoch_rows()["tokens"]) < batch_size:
-      raise ValueError(f"one epoch packs into {len(self._rows['tokens'])} rows of {seq_len} tokens, fewer "
+      raise DataError(f"one epoch packs into {len(self._rows['tokens'])} rows of {seq_len} tokens, fewer "
                        f"than batch_size={batch_size}")
 
   def _epoch_rows(self) -> dict[str, np.ndarray]:

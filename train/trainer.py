@@ -113,12 +113,14 @@ def _with_moe_impl(cfg: ml_collections.ConfigDict, mesh) -> ml_collections.Confi
   return cfg
 
 
-def _data(cfg: ml_collections.ConfigDict):
+def _data(cfg: ml_collections.ConfigDict, vocab_size: int):
   d = cfg.data
   targets = d.get("chat_targets", "last")
   train_docs = data.load_split(d.train, "train", d.eval_fraction, d.seed, chat_targets=targets)
   eval_docs = data.load_split(d.eval, "train", 0.0, chat_targets=targets) if d.eval else data.load_split(
       d.train, "eval", d.eval_fraction, d.seed, chat_targets=targets)
+  data.check_token_ids(train_docs, vocab_size, d.train)
+  data.check_token_ids(eval_docs, vocab_size, d.eval or d.train)
   train = data.PackedDataset(train_docs, d.batch_size, d.seq_len, seed=d.seed)
   evals = data.eval_batches(eval_docs, d.batch_size, d.seq_len, cfg.eval_batches)
   return train, evals
@@ -255,7 +257,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
   workdir = Path(workdir)
   c = presets.from_config_dict(cfg.model)
   cfg = _with_moe_impl(cfg, mesh)
-  train_ds, eval_set = _data(cfg)  # a data source that fails leaves no workdir behind
+  train_ds, eval_set = _data(cfg, c.vocab_size)  # a data source that fails leaves no workdir behind
   _prepare_workdir(workdir)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)
