@@ -362,3 +362,18 @@ def test_bad_training_data_is_named_before_the_workdir_exists(tmp_path, name, sa
   with pytest.raises(data.DataError, match=message) as error:
     trainer.train(cfg, tmp_path / "run")
   assert cli.is_expected(error.value) and not (tmp_path / "run").exists()
+
+
+def test_a_bad_init_source_is_refused_before_the_workdir_exists(tmp_path):
+  from k2jax.train import checkpointing
+  from k2jax.train.rl import runner
+  (tmp_path / "empty").mkdir()
+  cfg = train_tiny.get_config()
+  cfg.init_from, cfg.num_steps = str(tmp_path / "empty"), 2
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint steps under"):
+    trainer.train(cfg, tmp_path / "run")
+  rl_cfg = runner.default_config()
+  rl_cfg.init_checkpoint = str(tmp_path / "missing")
+  with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+    runner.train_rl(rl_cfg, tmp_path / "rl")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

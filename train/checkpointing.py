@@ -189,6 +189,18 @@ def _restore_meta(manager: ocp.CheckpointManager, step: int, where: Path) -> dic
   return meta
 
 
+def has_steps(workdir: str | Path) -> bool:
+  """Whether a workdir holds a saved step (a run there resumes rather than starts)."""
+  root = Path(workdir) / CHECKPOINT_DIR
+  return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
+
+
+def model_config_of(path: str | Path) -> K2Config:
+  """The model config a checkpoint (workdir, step folder or converted checkpoint) was saved with, from its
+  metadata alone: a fresh run checks its init source with it before writing anything."""
+  return config_from_dict(read_meta(path)["model_config"])
+
+
 def _locate(path: str | Path) -> tuple[Path, int]:
   """(checkpoints folder, step) for a workdir, its checkpoints folder, or one step folder."""
   path = Path(path).absolute()

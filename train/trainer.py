@@ -126,15 +126,19 @@ def _data(cfg: ml_collections.ConfigDict, vocab_size: int):
   return train, evals
 
 
+def _refuse_other_model(init_from: str, saved_c, c) -> None:
+  diff = checkpointing.config_differences(saved_c, c, ignore=checkpointing.NON_ARCHITECTURE_FIELDS)
+  if diff:
+    raise checkpointing.CheckpointError(f"init_from {init_from}: model config differs: {sorted(diff)}")
+
+
 def _init_params(cfg, c, mesh):
   dtype = params_lib.dtype_from_name(cfg.param_dtype)
   init_from = cfg.get("init_from", "")
   if init_from:
     # A converted K2 Thinking checkpoint has INT4 experts: training starts from their dequantised values.
     params, saved_c = checkpointing.load_params_for_inference(init_from, dtype, dequantize_experts=True)
-    diff = checkpointing.config_differences(saved_c, c, ignore=checkpointing.NON_ARCHITECTURE_FIELDS)
-    if diff:
-      raise checkpointing.CheckpointError(f"init_from {init_from}: model config differs: {sorted(diff)}")
+    _refuse_other_model(init_from, saved_c, c)
   else:
     # One compiled init, not one small eager compile per leaf.
     params = jax.jit(lambda k: params_lib.init_params(c, k, dtype))(jax.random.key(cfg.seed))
@@ -258,6 +262,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
   c = presets.from_config_dict(cfg.model)
   cfg = _with_moe_impl(cfg, mesh)
   train_ds, eval_set = _data(cfg, c.vocab_size)  # a data source that fails leaves no workdir behind
+  if cfg.get("init_from", "") and not checkpointing.has_steps(workdir):  # nor does a bad init source
+    _refuse_other_model(cfg.init_from, checkpointing.model_config_of(cfg.init_from), c)
   _prepare_workdir(workdir)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)

@@ -172,11 +172,15 @@ def _tokenizer():
 
 def _load_init(cfg, c, path) -> dict:
   params, saved = checkpointing.load_params_for_inference(path, params_lib.dtype_from_name(cfg.param_dtype))
+  _refuse_other_model(path, saved, c)
+  return jax.device_put(params, jax.devices()[0])
+
+
+def _refuse_other_model(path, saved, c) -> None:
   diff = checkpointing.config_differences(saved, c)
   if diff:
     lines = ", ".join(f"{k}: checkpoint {v[0]!r} vs run {v[1]!r}" for k, v in sorted(diff.items()))
     raise checkpointing.CheckpointError(f"init checkpoint {path} is of another model config ({lines})")
-  return jax.device_put(params, jax.devices()[0])
 
 
 def step_rows(samples, scores, rewards) -> dict[str, float]:
@@ -213,8 +217,10 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
   """Runs (or resumes) RL in `workdir`; returns the rows logged by this call (eval rows included)."""
   check_config(cfg)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   c = presets.from_config_dict(cfg.model)
+  if cfg.init_checkpoint and not checkpointing.has_steps(workdir):  # refused before the workdir exists
+    _refuse_other_model(cfg.init_checkpoint, checkpointing.model_config_of(cfg.init_checkpoint), c)
+  workdir.mkdir(parents=True, exist_ok=True)
   env, tok = make_env(cfg), _tokenizer()
   tx, schedule = learner.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, async_save=False)
