@@ -61,6 +61,7 @@ def test_numbers_out_of_range_are_flag_errors(module, entry, flag):
 
 @pytest.mark.parametrize("module, args, message", [
     ("k2jax.train.trainer", ["--workdir={file}"], "k2-tool: error: workdir {file} is a file, not a folder"),
+    ("k2jax.train.rl.runner", ["--workdir={file}"], "k2-tool: error: workdir {file} is a file, not a folder"),
     ("k2jax.plan", ["--mesh=bogus:2"], "k2-tool: error: unknown mesh axis 'bogus'"),
     ("k2jax.infer.generate", ["--hf_dir={missing}", "--prompt_ids=1"], "k2-tool: error: {missing} is missing"),
     # A config field that does not exist, with the default config (loaded when the flag is defined) and

@@ -85,9 +85,13 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
   tmp.replace(path)
 
 
-def _prepare_workdir(workdir: Path) -> None:
+def check_workdir(workdir: Path) -> None:
   if workdir.exists() and not workdir.is_dir():
     raise NotADirectoryError(f"workdir {workdir} is a file, not a folder")
+
+
+def prepare_workdir(workdir: Path) -> None:
+  check_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"workdir {workdir} is not writable")
@@ -264,7 +268,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
   train_ds, eval_set = _data(cfg, c.vocab_size)  # a data source that fails leaves no workdir behind
   if cfg.get("init_from", "") and not checkpointing.has_steps(workdir):  # nor does a bad init source
     _refuse_other_model(cfg.init_from, checkpointing.model_config_of(cfg.init_from), c)
-  _prepare_workdir(workdir)
+  prepare_workdir(workdir)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)
   start = 0

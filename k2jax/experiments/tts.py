@@ -237,6 +237,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
   trained_here = not (checkpoint or hf_dir)
   plan = make_plan(cfg, axes, trained_here=trained_here)
   workdir = Path(workdir)
+  from k2jax.train import trainer  # noqa: PLC0415
+  trainer.check_workdir(workdir)  # before minutes of training or a model load
   t0 = time.perf_counter()
   if trained_here:
     try:

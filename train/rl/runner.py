@@ -220,7 +220,7 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
   c = presets.from_config_dict(cfg.model)
   if cfg.init_checkpoint and not checkpointing.has_steps(workdir):  # refused before the workdir exists
     _refuse_other_model(cfg.init_checkpoint, checkpointing.model_config_of(cfg.init_checkpoint), c)
-  workdir.mkdir(parents=True, exist_ok=True)
+  trainer.prepare_workdir(workdir)
   env, tok = make_env(cfg), _tokenizer()
   tx, schedule = learner.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, async_save=False)
