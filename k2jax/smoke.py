@@ -22,6 +22,7 @@ def main(argv=None) -> None:
   print(report.format_report(big))
 
   tiny = presets.get(FLAGS.tiny_preset)
+  sharding.check_mesh_fits_model(mesh, tiny)
   p = sharding.init_params_sharded(tiny, jax.random.key(FLAGS.seed), jnp.float32, mesh)
   tokens = jax.random.randint(jax.random.key(FLAGS.seed + 1), (FLAGS.batch, FLAGS.seq_len), 0, tiny.vocab_size)
   with sharding.use_mesh(mesh):

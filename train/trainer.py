@@ -264,6 +264,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
   check_config(cfg)
   workdir = Path(workdir)
   c = presets.from_config_dict(cfg.model)
+  sharding.check_mesh_fits_model(mesh, c)
   cfg = _with_moe_impl(cfg, mesh)
   train_ds, eval_set = _data(cfg, c.vocab_size)  # a data source that fails leaves no workdir behind
   if cfg.get("init_from", "") and not checkpointing.has_steps(workdir):  # nor does a bad init source

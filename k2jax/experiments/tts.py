@@ -178,20 +178,29 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
   """Measures every point of `plan`; `models(rl_step)` gives the parameters of that step."""
   from k2jax import envs  # noqa: PLC0415
   from k2jax import sharding  # noqa: PLC0415
-  from k2jax.infer.engine import Engine  # noqa: PLC0415
   from k2jax.experiments import plots  # noqa: PLC0415
-  from k2jax.infer import heavy  # noqa: PLC0415
 
   points = [(a, v) for a, values in plan.axes.items() for v in values]
   bar = _progress(len(points), progress)
-  results: list[sweep.PointResult] = []
-  engine = generate = None
-  loaded_step = None
   tasks_of = {}  # (environment, problems) -> the held-out tasks; an axis's points share them
   for axis in plan.axes:
     key = (plan.env_of[axis], problems_of(cfg, axis))
     if key not in tasks_of:
       tasks_of[key] = [_env(cfg, key[0]).reset(s) for s in envs.task_seeds("eval", key[1])]
+  # The mesh is the measurement's (the engine reads it from the context); training ran outside it.
+  with (sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else _null()):
+    results = _measure_points(cfg, plan, models, tokenizer, config, points, tasks_of, bar, mesh, moe_impl)
+  plots.write_plots(workdir, results)
+  return results
+
+
+def _measure_points(cfg, plan, models, tokenizer, config, points, tasks_of, bar, mesh, moe_impl):
+  from k2jax import sharding  # noqa: PLC0415
+  from k2jax.infer import heavy  # noqa: PLC0415
+  from k2jax.infer.engine import Engine  # noqa: PLC0415
+  results: list[sweep.PointResult] = []
+  engine = generate = None
+  loaded_step = None
   try:
     for axis, value in points:
       setting = point_setting(plan, cfg, axis, value)
@@ -215,7 +224,6 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
   finally:
     if bar is not None:
       bar.close()
-  plots.write_plots(workdir, results)
   return results
 
 
@@ -240,11 +248,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
   from k2jax.train import trainer  # noqa: PLC0415
   trainer.check_workdir(workdir)  # before minutes of training or a model load
   t0 = time.perf_counter()
+  from k2jax import presets, sharding  # noqa: PLC0415
   if trained_here:
     try:
       training.check_config(cfg)
     except ValueError as e:
       raise SweepError(str(e)) from None
+    sharding.check_mesh_fits_model(mesh, presets.from_config_dict(cfg.train.sft.model))  # before training
     workdir.mkdir(parents=True, exist_ok=True)
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
     store = training.prepare(cfg, workdir, rl_steps, progress=progress)
@@ -258,6 +268,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
       tokenizer = cli_common.load_tokenizer(hf_dir, config, checkpoint)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
       raise SweepError(str(e)) from None
+    sharding.check_mesh_fits_model(mesh, config)
     workdir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a bad path leaves nothing
     models = lambda step: params  # noqa: E731
     source = {"checkpoint": checkpoint} if checkpoint else {"hf_dir": hf_dir}
@@ -292,9 +303,8 @@ def main(argv) -> None:
   try:
     mesh = sharding.mesh_from_flags() if FLAGS.mesh else None
     moe_impl = sharding.moe_impl_from_flags(mesh)
-    with sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else _null():
-      results = run(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, hf_dir=FLAGS.hf_dir, axes=axes,
-                    mesh=mesh, moe_impl=moe_impl)
+    results = run(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, hf_dir=FLAGS.hf_dir, axes=axes,
+                  mesh=mesh, moe_impl=moe_impl)
   except SweepError as e:
     raise app.UsageError(str(e)) from None
   print(format_table(results))
