@@ -65,6 +65,7 @@ def main(argv):
 
   if FLAGS.heavy < 0:
     raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
+  cli_common.warn_greedy_heavy("k2-chat", FLAGS.heavy, FLAGS.temperature)
   try:  # before the model loads: a bad value is the first thing said, not a traceback at the first message
     sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
   except ValueError as e:

@@ -36,3 +36,11 @@ def load_tokenizer(hf_dir: str | None, config, checkpoint: str | None = None):
   raise ValueError(f"{where}, and the model's vocabulary ({config.vocab_size} ids) is not the tiny one "
                    f"({tiny.vocab_size}); put the checkpoint's {tokenizer.TIKTOKEN_FILE} and "
                    f"{tokenizer.CONFIG_FILE} next to its config.json, or use --prompt_ids with --output=ids")
+
+
+def warn_greedy_heavy(prog: str, heavy: int, temperature: float) -> None:
+  """Heavy mode's attempts are independent samples; decoded greedily they are one attempt n times over."""
+  if heavy > 1 and temperature == 0:
+    import sys  # noqa: PLC0415
+    print(f"{prog}: note: --heavy={heavy} with --temperature=0 decodes {heavy} identical attempts; heavy mode "
+          "samples them (K2 Thinking is evaluated at --temperature=1)", file=sys.stderr)

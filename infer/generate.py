@@ -67,6 +67,7 @@ def main(argv):
   from k2jax.infer import cli_common  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
   from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
+  cli_common.warn_greedy_heavy("k2-generate", FLAGS.heavy, FLAGS.temperature)
 
   mesh = sharding.mesh_from_flags()
   moe_impl = sharding.moe_impl_from_flags(mesh)

@@ -50,6 +50,9 @@ def test_heavy_mode_cli(stop_model):
                   "--temperature=1")
   assert res.returncode == 0, res.stderr[-2000:]
   assert res.stderr.count("[attempt ") == 3 and res.stdout == "\n"
+  assert "identical attempts" not in res.stderr
+  greedy = _generate(f"--hf_dir={path}", "--prompt=What is 6*7?", "--chat", "--heavy=2", "--max_new_tokens=2")
+  assert greedy.returncode == 0 and "--heavy=2 with --temperature=0 decodes 2 identical attempts" in greedy.stderr
 
 
 def test_negative_counts_and_misused_heavy_are_usage_errors():
