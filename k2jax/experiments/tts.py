@@ -238,17 +238,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
         hf_dir: str | None = None, axes: list[str] | None = None, progress: bool = True,
         mesh=None, moe_impl: str = "ragged") -> list[sweep.PointResult]:
   """The whole job; returns the measured points (also written to `workdir`)."""
+  from k2jax import presets, sharding  # noqa: PLC0415
   from k2jax.experiments import training  # noqa: PLC0415
   from k2jax.infer import cli_common  # noqa: PLC0415
+  from k2jax.train import trainer  # noqa: PLC0415
   if checkpoint and hf_dir:
     raise SweepError("give at most one of --checkpoint and --hf_dir")
   trained_here = not (checkpoint or hf_dir)
   plan = make_plan(cfg, axes, trained_here=trained_here)
   workdir = Path(workdir)
-  from k2jax.train import trainer  # noqa: PLC0415
   trainer.check_workdir(workdir)  # before minutes of training or a model load
   t0 = time.perf_counter()
-  from k2jax import presets, sharding  # noqa: PLC0415
   if trained_here:
     try:
       training.check_config(cfg)
