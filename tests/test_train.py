@@ -352,6 +352,7 @@ def _with(cfg, **overrides):
     ("negative.jsonl", lambda p: p.write_text(json.dumps({"ids": [3, -2, 5] * 40}) + "\n"), "token id -2, outside"),
     ("broken.jsonl", lambda p: p.write_text('{"text": "one"\n'), "broken.jsonl:1: "),
     ("empty.txt", lambda p: p.write_text(""), "no documents in"),
+    ("short.npy", lambda p: np.save(p, np.arange(40, dtype=np.int32)), r"short.npy: one epoch packs into 1 rows"),
 ])
 def test_bad_training_data_is_named_before_the_workdir_exists(tmp_path, name, save, message):
   # Ids past the embedding table were once trained on silently (the lookup clamps); floats were cast to ids.

@@ -260,7 +260,7 @@ class PackedDataset:
     self._rows_epoch, self._rows = None, None
     if len(self._epoch_rows()["tokens"]) < batch_size:
       raise DataError(f"one epoch packs into {len(self._rows['tokens'])} rows of {seq_len} tokens, fewer "
-                       f"than batch_size={batch_size}")
+                      f"than batch_size={batch_size}")
 
   def _epoch_rows(self) -> dict[str, np.ndarray]:
     if self._rows_epoch != self.epoch:

@@ -125,7 +125,10 @@ def _data(cfg: ml_collections.ConfigDict, vocab_size: int):
       d.train, "eval", d.eval_fraction, d.seed, chat_targets=targets)
   data.check_token_ids(train_docs, vocab_size, d.train)
   data.check_token_ids(eval_docs, vocab_size, d.eval or d.train)
-  train = data.PackedDataset(train_docs, d.batch_size, d.seq_len, seed=d.seed)
+  try:
+    train = data.PackedDataset(train_docs, d.batch_size, d.seq_len, seed=d.seed)
+  except data.DataError as e:
+    raise data.DataError(f"{d.train}: {e}") from None
   evals = data.eval_batches(eval_docs, d.batch_size, d.seq_len, cfg.eval_batches)
   return train, evals
 
