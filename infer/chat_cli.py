@@ -92,14 +92,30 @@ def main(argv):
     tok = cli_common.load_tokenizer(FLAGS.hf_dir, config, FLAGS.checkpoint)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  context = _context_budget(config.max_position_embeddings)
   params = sharding.place_for_inference(params, config, mesh)
-  engine = Engine(params, config, max_len=FLAGS.context + FLAGS.max_new_tokens, moe_impl=moe_impl)
+  engine = Engine(params, config, max_len=context + FLAGS.max_new_tokens, moe_impl=moe_impl)
   # Heavy mode decodes many rows at once: no streaming, the attempts are shown when they are done.
   policy = EnginePolicy(engine, tok, FLAGS.max_new_tokens, sampling, FLAGS.think_budget,
                         on_token=None if FLAGS.heavy else _Printer(tok))
   messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
   with sharding.use_mesh(mesh, sharding.inference_rules(mesh)):
-    (_heavy_loop if FLAGS.heavy else _loop)(policy, tools, messages, policy.count_tokens)
+    (_heavy_loop if FLAGS.heavy else _loop)(policy, tools, messages, policy.count_tokens, context)
+
+
+def _context_budget(positions: int) -> int:
+  """--context, fitted to the model: a conversation plus a turn stays within the positions it was trained
+  on. The default budget shrinks to fit; one given on the command line that does not fit is an error."""
+  room = positions - FLAGS.max_new_tokens
+  if room < 1:
+    raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a conversation in the "
+                         f"model's max_position_embeddings={positions}")
+  if FLAGS.context <= room:
+    return FLAGS.context
+  if FLAGS["context"].present:
+    raise app.UsageError(f"--context={FLAGS.context} + --max_new_tokens={FLAGS.max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings={positions}")
+  return room
 
 
 def _read_message() -> str | None:
@@ -109,13 +125,13 @@ def _read_message() -> str | None:
   return line.rstrip("\n") if line.strip() else None
 
 
-def _heavy_loop(policy, tools, messages, count):
+def _heavy_loop(policy, tools, messages, count, context):
   from k2jax.infer.heavy import heavy_mode  # noqa: PLC0415
   while (line := _read_message()) is not None:
     asked = messages + [{"role": "user", "content": line}]
     try:
       result = heavy_mode(policy.batch, asked, n=FLAGS.heavy, count_tokens=count, tools=tools,
-                          max_steps=FLAGS.max_steps, context_budget_tokens=FLAGS.context)
+                          max_steps=FLAGS.max_steps, context_budget_tokens=context)
     except ValueError as e:  # e.g. the aggregation prompt does not fit the context
       sys.stdout.write(f"[heavy mode failed: {e}]\n")
       continue
@@ -126,10 +142,10 @@ def _heavy_loop(policy, tools, messages, count):
     messages = asked + [{"role": "assistant", "content": result.final_answer or ""}]
 
 
-def _loop(policy, tools, messages, count):
+def _loop(policy, tools, messages, count, context):
   from k2jax.infer.agent import AgentRun  # noqa: PLC0415
   while (line := _read_message()) is not None:
-    run = AgentRun(messages + [{"role": "user", "content": line}], tools, FLAGS.max_steps, FLAGS.context, count)
+    run = AgentRun(messages + [{"role": "user", "content": line}], tools, FLAGS.max_steps, context, count)
     while (prompt := run.prompt()) is not None:
       sys.stdout.write("k2> ")
       run.advance(policy(prompt))

@@ -82,6 +82,14 @@ def test_chat_cli_streams_a_turn(tmp_path):
                        input="hi there\n\n", capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "you>" in res.stdout and "k2>" in res.stdout and "tool calls]" in res.stdout
+  # A context past the model's positions (4096 for the tiny one) is refused before the first message;
+  # the default budget (8192) shrinks to fit instead.
+  res = subprocess.run([sys.executable, "-m", "k2jax.infer.chat_cli", f"--hf_dir={tmp_path / 'm'}",
+                        "--max_new_tokens=96", "--context=4096"], input="hi\n", capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 1 and "you>" not in res.stdout
+  assert ("--context=4096 + --max_new_tokens=96 exceeds the model's max_position_embeddings=4096"
+          in res.stderr.splitlines()[-1]), res.stderr[-2000:]
 
 
 def test_chat_cli_heavy_mode(tmp_path):
