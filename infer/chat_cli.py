@@ -24,8 +24,8 @@ flags.DEFINE_integer("max_steps", 16, "Model turns (tool-call rounds) per user m
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus cut.")
 flags.DEFINE_integer("think_budget", None, "Force </think> after this many thinking tokens.", lower_bound=0)
-flags.DEFINE_integer("context", 8192, "Context budget in tokens (earlier tool outputs are hidden past it).",
-                     lower_bound=1)
+flags.DEFINE_integer("context", 8192, "Context budget in tokens (earlier tool outputs are hidden past it); "
+                     "the default shrinks to fit the model's positions with --max_new_tokens.", lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_string("system", None, "Optional system message.")
 flags.DEFINE_integer("heavy", 0, "Heavy mode: answer each message with this many trajectories in one batch, "
