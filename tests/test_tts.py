@@ -235,3 +235,13 @@ def test_cli_trains_then_measures_on_an_expert_mesh(tmp_path):
   assert "moe_impl: ep" in proc.stderr
   rows = list(csv.reader((tmp_path / "w" / "results.csv").open()))
   assert [r[:2] for r in rows[1:]] == [["parallel", "1"], ["parallel", "2"]]
+
+
+def test_training_under_a_callers_mesh_is_refused_before_any_work(tmp_path):
+  import jax
+
+  from k2jax import sharding
+  mesh = sharding.make_mesh("expert:2", jax.devices()[:2])
+  with sharding.use_mesh(mesh), pytest.raises(tts.SweepError, match="outside sharding.use_mesh"):
+    tts.run(_cfg(parallel=(1,)), tmp_path / "w", progress=False, mesh=mesh, moe_impl="ep")
+  assert not (tmp_path / "w").exists()

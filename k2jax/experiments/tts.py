@@ -255,6 +255,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
     except ValueError as e:
       raise SweepError(str(e)) from None
     sharding.check_mesh_fits_model(mesh, presets.from_config_dict(cfg.train.sft.model))  # before training
+    if sharding.current() is not None:  # the train steps would be traced under the caller's mesh
+      raise SweepError("the embedded default trains on one device: call tts.run outside sharding.use_mesh "
+                       "and give the mesh as mesh=..., which the sweep then measures on")
     workdir.mkdir(parents=True, exist_ok=True)
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
     store = training.prepare(cfg, workdir, rl_steps, progress=progress)
