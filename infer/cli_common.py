@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from k2jax import params as params_lib
 
@@ -41,6 +42,5 @@ def load_tokenizer(hf_dir: str | None, config, checkpoint: str | None = None):
 def warn_greedy_heavy(prog: str, heavy: int, temperature: float) -> None:
   """Heavy mode's attempts are independent samples; decoded greedily they are one attempt n times over."""
   if heavy > 1 and temperature == 0:
-    import sys  # noqa: PLC0415
     print(f"{prog}: note: --heavy={heavy} with --temperature=0 decodes {heavy} identical attempts; heavy mode "
           "samples them (K2 Thinking is evaluated at --temperature=1)", file=sys.stderr)

@@ -146,22 +146,21 @@ def test_bad_grids_are_refused_before_any_compute(change, message):
     tts.make_plan(cfg, None, trained_here=True)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--axes=parallel,bogus"], "unknown axis 'bogus' in --axes"),
-    (["--checkpoint=/nonexistent/run"], "does not exist"),
-    (["--config.max_new_tokens=0"], "max_new_tokens must be an integer >= 1, got 0"),
-    (["--workdir_is_a_file"], "is a file, not a folder"),
+@pytest.mark.parametrize("flags,message,workdir_is_a_file", [
+    (["--axes=parallel,bogus"], "unknown axis 'bogus' in --axes", False),
+    (["--checkpoint=/nonexistent/run"], "does not exist", False),
+    (["--config.max_new_tokens=0"], "max_new_tokens must be an integer >= 1, got 0", False),
+    ([], "is a file, not a folder", True),
 ])
-def test_cli_errors_are_one_line_and_nonzero(tmp_path, flags, message):
+def test_cli_errors_are_one_line_and_nonzero(tmp_path, flags, message, workdir_is_a_file):
   workdir = tmp_path / "w"
-  if flags == ["--workdir_is_a_file"]:
-    flags, workdir = [], tmp_path / "file"
+  if workdir_is_a_file:
     workdir.write_text("not a folder")
   proc = subprocess.run([sys.executable, "-c", "from k2jax.experiments.tts import run_cli; run_cli()",
                          f"--workdir={workdir}", *flags], capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert message in proc.stderr and "Traceback" not in proc.stderr
-  assert not workdir.exists() or workdir.is_file()  # nothing written
+  assert workdir.is_file() if workdir_is_a_file else not workdir.exists()  # nothing written
 
 
 def test_help_lists_the_flags():

@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from k2jax.experiments import sweep
+from k2jax.train import config_rules
 
 RESULT_FILES = ("results.csv", "results.json", "overview.png")
 
@@ -44,31 +45,25 @@ def _env(cfg, name: str):
   return envs.get(name, **options)
 
 
+# The sweep's own numbers (the warm start's and the RL run's are checked by their trainers' rules).
+NUMBERS = {"n_problems": config_rules.COUNT, "max_new_tokens": config_rules.COUNT, "batch_size": config_rules.COUNT,
+           "max_len": config_rules.COUNT, "seed": config_rules.STEPS, "temperature": config_rules.NON_NEGATIVE,
+           "vote_temperature": config_rules.NON_NEGATIVE}
+
+
 def _check_scalars(cfg) -> None:
   """The sweep's own numbers and names, before the warm start trains for minutes on a config whose sweep
   could not run."""
-  def at_least(name, low):
-    v = cfg[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-      raise SweepError(f"{name} must be an integer >= {low}, got {v!r}")
-
-  for name, low in (("n_problems", 1), ("max_new_tokens", 1), ("batch_size", 1), ("seed", 0)):
-    at_least(name, low)
-  for axis, factor in dict(cfg.get("axis_problems_factor", {})).items():
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
-      raise SweepError(f"axis_problems_factor.{axis} must be a number > 0, got {factor!r}")
-  for name in ("temperature", "vote_temperature"):
-    v = cfg[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-      raise SweepError(f"{name} must be a number >= 0, got {v!r}")
-  if not isinstance(cfg.max_len, int) or cfg.max_len <= cfg.max_new_tokens:
-    raise SweepError(f"max_len ({cfg.max_len!r}) must exceed max_new_tokens ({cfg.max_new_tokens}): the "
-                     "engine's cache holds the prompt and the turn")
   from k2jax import params as params_lib  # noqa: PLC0415
+  factors = {f"axis_problems_factor.{a}": config_rules.POSITIVE for a in cfg.get("axis_problems_factor", {})}
   try:
+    config_rules.check_numbers(cfg, {**NUMBERS, **factors})
     params_lib.dtype_from_name(cfg.dtype)
   except ValueError as e:
     raise SweepError(str(e)) from None
+  if cfg.max_len <= cfg.max_new_tokens:
+    raise SweepError(f"max_len ({cfg.max_len}) must exceed max_new_tokens ({cfg.max_new_tokens}): the "
+                     "engine's cache holds the prompt and the turn")
 
 
 def make_plan(cfg: ml_collections.ConfigDict, axes_flag: list[str] | None = None, *, trained_here: bool) -> Plan:
