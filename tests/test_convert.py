@@ -1,6 +1,7 @@
 """k2-convert / k2-export: HF -> k2jax -> HF bit for bit, generation equal to transformers, validation
 before commit, atomic output, dry runs from shapes alone (the 1T config too)."""
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -203,33 +204,28 @@ def test_recycler_syncs_and_drops_a_file_while_another_thread_writes_it(tmp_path
   finished = folder / "finished"
   finished.mkdir()
   (finished / "big").write_bytes(b"y" * 50_000)
-  step, chunk = 10_000, np.random.default_rng(0).bytes(25_000)
+  # One page a write, at page-aligned offsets: the kernel grows a file a page at a time, so a chunk of one
+  # page is never seen half-written (a longer one, or a buffered file split at its buffer's edge, can be).
+  page = mmap.PAGESIZE
+  step, chunk = page // 4, np.random.default_rng(0).bytes(page)
   recycler = layout.Recycler(lambda: [str(folder)], skip={skipped}, skip_dirs={str(finished)}, step=step,
                              interval_s=0.001)
   path = str(folder / "d" / "data")
   recycler.start()
-  seen = []  # bytes dropped once each chunk's write had settled
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     try:
       for i in range(4):
-        os.write(fd, chunk)  # unbuffered: a buffered file may split a chunk at its buffer's edge
-        written = (i + 1) * len(chunk)
+        os.write(fd, chunk)
         deadline = time.monotonic() + 10
-        while written - recycler.dropped.get(path, 0) >= step and time.monotonic() < deadline:
+        while recycler.dropped.get(path, 0) < (i + 1) * page and time.monotonic() < deadline:
           time.sleep(0.001)  # the next chunk waits for the recycler to catch up with this one
-        # A poll may see a write half-done (the size grows page by page), so what is dropped may stop
-        # short of the chunk's end, but never by `step` or more, and each chunk (> step) moves it on.
-        seen.append(recycler.dropped.get(path, 0))
-        assert 0 <= written - seen[-1] < step, (i, dropped)
-        assert len(seen) == 1 or seen[-1] > seen[-2], (i, dropped)
+        assert recycler.dropped.get(path, 0) == (i + 1) * page, (i, dropped)
     finally:
       os.close(fd)
   finally:
     recycler.close()
-  sizes = [n for p, n in dropped if p == path]
-  assert sizes == sorted(sizes) and sizes[-1] == seen[-1] <= 4 * len(chunk), sizes
-  assert all(b - a >= step for a, b in zip([0] + sizes, sizes)), sizes
+  assert [n for p, n in dropped if p == path] == [page, 2 * page, 3 * page, 4 * page], dropped
   assert {p for p, _ in dropped} == {path}  # neither the skipped file nor the finished folder's
   assert open(path, "rb").read() == chunk * 4  # dropping clean pages loses nothing
 
