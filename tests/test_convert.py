@@ -473,6 +473,21 @@ def test_corrupted_input_fails_by_name_and_leaves_nothing(k2t, tmp_path, case, m
   assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
 
+def test_an_output_inside_its_source_is_refused_before_anything_is_written(k2t, converted, tmp_path):
+  # An export into the checkpoint's own checkpoints/N would become its latest, unreadable step.
+  inside = os.path.join(converted, "checkpoints", "7")
+  with pytest.raises(layout.ConvertError, match="overlaps the source"):
+    export(converted, inside, progress=False)
+  with pytest.raises(layout.ConvertError, match="overlaps the source"):
+    convert(k2t, os.path.join(k2t, "k2jax"), progress=False)
+  os.symlink(k2t, tmp_path / "link")  # the same folder under another name
+  with pytest.raises(layout.ConvertError, match="overlaps the source"):
+    convert(k2t, str(tmp_path / "link" / "k2jax"), progress=False)
+  assert not os.path.exists(inside) and not os.path.exists(inside + ".partial")
+  assert sorted(os.listdir(os.path.join(converted, "checkpoints"))) == ["0"]
+  assert not os.path.exists(os.path.join(k2t, "k2jax"))
+
+
 def test_allow_nonfinite_converts_nan_weights(k2t, tmp_path):
   src = str(tmp_path / "src")
   shutil.copytree(k2t, src)

@@ -62,7 +62,7 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   if not os.path.isdir(hf_dir):
     raise layout.ConvertError(f"{hf_dir} is not a folder; give the HF checkpoint folder (config.json + "
                               "safetensors)")
-  layout.check_output(output_dir)  # before the long validation
+  layout.check_output(output_dir, hf_dir)  # before the long validation
   c = K2Config.from_hf(hf_dir, strict=strict)
   ckpt = Checkpoint(hf_dir, check_finite=check_finite)
   hf.validate(ckpt, c)

@@ -57,10 +57,17 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def check_output(output_dir: str) -> None:
-  """An output folder may be created: it does not exist, or is an empty folder (never overwritten)."""
+def check_output(output_dir: str, source: str | None = None) -> None:
+  """An output folder may be created: it does not exist, or is an empty folder (never overwritten), and
+  it is neither inside `source` nor holds it (an export into a checkpoint's own `checkpoints/N` would
+  become that checkpoint's latest, unreadable step)."""
   if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
     raise ConvertError(f"{os.path.abspath(output_dir)} exists and is not empty; refusing to overwrite it")
+  if source is not None:
+    out, src = os.path.realpath(output_dir), os.path.realpath(source)
+    if os.path.commonpath([out, src]) in (out, src):
+      raise ConvertError(f"output {os.path.abspath(output_dir)} overlaps the source {os.path.abspath(source)}; "
+                         "give an output folder outside it")
 
 
 class Staging:

@@ -207,7 +207,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
   if fmt not in FORMATS:
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
   from k2jax.train import checkpointing  # noqa: PLC0415
-  layout.check_output(output_dir)
+  layout.check_output(output_dir, checkpoint)
   manager, step, meta, c = open_checkpoint(checkpoint)
   try:
     like = checkpointing.abstract_params_of(meta, c)
