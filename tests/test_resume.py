@@ -1,6 +1,7 @@
 """Stopping and restarting k2-train from its workdir gives the uninterrupted run's losses; bad
 checkpoints fail with errors that say what is wrong."""
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 
 from test_train import small_config
 
-from k2jax import params as params_lib, presets
+from k2jax import params as params_lib, presets, sharding
 from k2jax.train import checkpointing, trainer
 
 STEPS, STOP = 6, 3
@@ -41,6 +42,24 @@ def test_resume_gives_identical_losses(runs):
   row = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
   for key in ("step", "loss", "grad_norm", "max_attn_logit", "tokens_per_sec", "expert_load_max_over_mean"):
     assert key in row
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices; see conftest.py")
+def test_resume_under_a_mesh_restores_onto_shapes_and_never_reads_init_from(runs, tmp_path):
+  """A resumed run restores onto shapes and shardings alone: its `init_from` (here a k2-train workdir) is
+  not read again, so a resume under a mesh holds one copy of the state, and the losses carry on exactly."""
+  _, straight, _ = runs
+  init = tmp_path / "init"
+  shutil.copytree(straight, init)
+  cfg = lambda **kw: small_config(num_steps=2, checkpoint_every=1, init_from=str(init), **kw)
+  mesh = sharding.make_mesh("fsdp:4,expert:2")
+  with sharding.use_mesh(mesh):
+    whole = trainer.train(cfg(), tmp_path / "whole", mesh)
+    trainer.train(cfg(stop_after_steps=1), tmp_path / "cut", mesh)
+    shutil.rmtree(init)
+    rest = trainer.train(cfg(), tmp_path / "cut", mesh)
+  assert [r["step"] for r in rest] == [2]
+  assert rest[-1]["loss"] == whole[-1]["loss"] and rest[-1]["grad_norm"] == whole[-1]["grad_norm"]
 
 
 def test_load_params_for_inference(runs):

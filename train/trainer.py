@@ -150,7 +150,6 @@ def _init_params(cfg, c, mesh):
     # One compiled init, not one small eager compile per leaf.
     params = jax.jit(lambda k: params_lib.init_params(c, k, dtype))(jax.random.key(cfg.seed))
   if mesh is not None:
-    from k2jax import sharding  # noqa: PLC0415
     return sharding.place_params(params, c, mesh)
   # Committed to one device, like restored arrays, so a resumed run hits the same compiled step.
   return jax.device_put(params, jax.devices()[0])
@@ -174,13 +173,20 @@ def _compiled_steps(c, cfg):
 
 
 def _state_like(cfg, c, tx, mesh) -> ts.TrainState:
-  """The state's shapes and shardings to restore onto; without a mesh, no arrays are made."""
-  if mesh is not None:
-    return jax.jit(lambda p: ts.init_state(p, tx))(_init_params(cfg, c, mesh))
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = jax.eval_shape(lambda: ts.init_state(params_lib.init_params(
-      c, jax.random.key(0), params_lib.dtype_from_name(cfg.param_dtype)), tx))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+  """The state's shapes and shardings to restore onto, from shapes alone: no parameters are made or
+  read (`init_from` is not loaded: the checkpoint replaces it), so a resume holds one copy of the state.
+  Under a mesh, the optimizer state's shardings are what the fresh run's `init_state` gives them."""
+  shapes = jax.eval_shape(lambda: params_lib.init_params(
+      c, jax.random.key(0), params_lib.dtype_from_name(cfg.param_dtype)))
+  init = jax.jit(lambda p: ts.init_state(p, tx))
+  if mesh is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), jax.eval_shape(init, shapes))
+  placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, sharding.param_shardings(c, mesh, params=shapes))
+  out = init.lower(placed).compile().output_shardings  # compiling makes no arrays
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      jax.eval_shape(init, placed), out)
 
 
 def _to_host(metrics: dict) -> dict[str, float]:
