@@ -1,8 +1,9 @@
 """One RL iteration of k2-rl, split into rollout, log-prob recompute and update, with tokens/s for each.
 
-  python -m benchmarks.rl_step [--prompts=8 --samples=8 --reps=5]
+  python -m benchmarks.rl_step [--width=tiny|small --prompts=8 --samples=8 --reps=5]
 
-Tiny K2 at its initialisation (the split of time does not depend on the weights much), the arith
+K2 at one of `benchmarks.widths`' widths (tiny: k2-rl's default model; small: d=512, 32 experts top-4),
+with the tiny tokenizer's vocabulary, at its initialisation (the split of time does not depend on the weights much), the arith
 environment, the config of `configs/rl_tiny.py`. Rollout: engine prefill + decode of P×K samples
 (tokens/s = sampled tokens); recompute: the trainer's forward over the [P·K, seq_len] batch (π_old);
 update: the rest of the jitted RL step (updates_per_batch forward+backward passes, MuonClip, QK-Clip,
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import widths
 from k2jax import envs, presets
 from k2jax import params as params_lib
 from k2jax.envs.base import task_seeds
@@ -30,6 +32,7 @@ from k2jax.train.rl import rollout as ro
 _P = flags.DEFINE_integer("prompts", 8, "prompts per step")
 _K = flags.DEFINE_integer("samples", 8, "samples per prompt")
 _REPS = flags.DEFINE_integer("reps", 5, "timed iterations")
+_WIDTH = flags.DEFINE_enum("width", "tiny", ["tiny", "small", "medium"], "model width (benchmarks.widths)")
 
 
 def main(argv):
@@ -37,6 +40,8 @@ def main(argv):
   cfg = runner.default_config()
   cfg.prompts_per_step, cfg.samples_per_prompt = _P.value, _K.value
   c = presets.from_config_dict(cfg.model)
+  if _WIDTH.value != "tiny":  # the rollouts decode with the tiny tokenizer: its vocabulary
+    c = widths.width_config(_WIDTH.value).replace(vocab_size=c.vocab_size)
   env, tok = runner.make_env(cfg), tiny_tokenizer()
   tx, sched = learner.make_optimizer(cfg)
   params = params_lib.init_params(c, jax.random.key(0), jnp.float32)
@@ -69,7 +74,8 @@ def main(argv):
   B, T, U = cfg.prompts_per_step * cfg.samples_per_prompt, cfg.seq_len, cfg.updates_per_batch
   med = {k: float(np.median(v)) for k, v in times.items()}
   update = max(med["step"] - med["recompute"], 1e-9)
-  print(f"batch {B} x {T} tokens, {U} updates per step, backend {jax.default_backend()}")
+  print(f"width {_WIDTH.value} (d={c.hidden_size}, {c.n_routed_experts} experts), "
+        f"batch {B} x {T} tokens, {U} updates per step, backend {jax.default_backend()}")
   print("| phase | median s | tokens/s |\n|---|---:|---:|")
   print(f"| rollout ({np.median(sampled):.0f} sampled tokens) | {med['rollout']:.3f} | "
         f"{np.median(sampled) / med['rollout']:.0f} |")

@@ -104,21 +104,29 @@ def _moe_layer_views(stack: dict) -> tuple:
   return tuple(layers)
 
 
-def loss_sums(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
-              remat: str = "none", aux_loss_alpha: float = 0.0, moe_impl: str = "ragged",
-              layer_loop: str = "auto"):
-  """(sum_t w_t nll_t, (sum_t w_t, max_attn_logits, expert_load)) for one (micro-)batch, fp32.
-
-  With `aux_loss_alpha` > 0 the sequence-wise balance loss is added, weighted by the batch's token
-  weight so that the mean over (micro-)batches stays exact. `layer_loop`: see `unroll_layers`.
-  """
+def loss_forward(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
+                 remat: str = "none", aux_loss_alpha: float = 0.0, moe_impl: str = "ragged",
+                 layer_loop: str = "auto"):
+  """(params as the forward saw them, `forward`'s Output with `hidden`) for a loss over `batch`: the
+  params in the compute dtype (experts fake-quantised under QAT), the layers unrolled or scanned as
+  `layer_loop` says. The head is left to the loss (`token_nll`). Pre-training and RL losses both use it."""
   p = compute_params(params, compute_dtype, qat)
   unroll = unroll_layers(c, layer_loop)
   if unroll and moe_impl == "ragged" and jax.default_backend() == "cpu" and "moe_layers" in p:
     p = {**p, "moe_layers": _moe_layer_views(p["moe_layers"])}
   out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat,
                       aux_loss_alpha=aux_loss_alpha, moe_impl=moe_impl, return_hidden=True, unroll_layers=unroll)
-  nll_bt = token_nll(out.hidden, p["lm_head_dv"], batch["targets"])  # out.logits goes unused (DCE'd)
+  return p, out  # out.logits goes unused (DCE'd)
+
+
+def loss_sums(params: dict, c: K2Config, batch: dict, **kw):
+  """(sum_t w_t nll_t, (sum_t w_t, max_attn_logits, expert_load)) for one (micro-)batch, fp32.
+
+  With `aux_loss_alpha` > 0 the sequence-wise balance loss is added, weighted by the batch's token
+  weight so that the mean over (micro-)batches stays exact. Keywords: see `loss_forward`.
+  """
+  p, out = loss_forward(params, c, batch, **kw)
+  nll_bt = token_nll(out.hidden, p["lm_head_dv"], batch["targets"])
   w_bt = batch["weights"].astype(jnp.float32)
   w_sum = jnp.sum(w_bt)
   return jnp.sum(nll_bt * w_bt) + out.aux_loss * w_sum, (w_sum, out.max_attn_logits, out.expert_load)

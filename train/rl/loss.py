@@ -20,20 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax import model
 from k2jax.config import K2Config
 from k2jax.train import train_step as ts
 
 
 def token_logprobs(params: dict, c: K2Config, batch: dict, *, compute_dtype=jnp.float32, qat: bool = False,
-                   remat: str = "none", moe_impl: str = "ragged"):
-  """(log π(target_t | tokens_≤t) [B, T] fp32, max attention logits, expert load) with the model's own
-  forward, on the params the train step sees (compute dtype, fake-quantised experts under QAT)."""
-  p = ts.compute_params(params, compute_dtype, qat)
-  out = model.forward(p, c, batch["tokens"], segment_ids_bt=batch["segment_ids"], remat=remat, moe_impl=moe_impl)
-  logp_btv = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-  logp_bt = jnp.take_along_axis(logp_btv, batch["targets"][..., None], axis=-1)[..., 0]
-  return logp_bt, out.max_attn_logits, out.expert_load
+                   remat: str = "none", moe_impl: str = "ragged", layer_loop: str = "auto"):
+  """(log π(target_t | tokens_≤t) [B, T] fp32, max attention logits, expert load) with the train step's
+  forward (`train_step.loss_forward`: compute dtype, fake-quantised experts under QAT, its layer loop)
+  and head (`token_nll`: 2-D products over the B*T rows, no [B, T, V] log-softmax kept)."""
+  p, out = ts.loss_forward(params, c, batch, compute_dtype=compute_dtype, qat=qat, remat=remat,
+                           moe_impl=moe_impl, layer_loop=layer_loop)
+  return -ts.token_nll(out.hidden, p["lm_head_dv"], batch["targets"]), out.max_attn_logits, out.expert_load
 
 
 def _groups(x_b: jax.Array, group_size: int) -> jax.Array:
