@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from k2jax import moe, sharding
+from k2jax.kernels import dispatch
 from k2jax.kernels.gmm_xla import num_experts
 
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
@@ -141,6 +142,13 @@ def _all_to_all_body(x_td, weights_tk, experts_tk, experts, *, n: int, tensor: b
 
 # --- entry points ---------------------------------------------------------------------------------
 
+def _check_vma(mesh) -> bool:
+  """shard_map's varying-axes checks, off where the grouped matmuls are Pallas kernels: a pallas_call's
+  outputs carry no varying-axes type, which the checks reject. Gradients are right either way (unchecked,
+  shard_map sums an input's cotangent over the axes its spec leaves out)."""
+  return dispatch.partitionable_grouped_matmul(sharding.mesh_platform(mesh))
+
+
 def _token_axes(mesh: Mesh, rules: Mapping[str, object], n_tokens: int) -> tuple[str, ...]:
   """Mesh axes splitting the tokens: those of `batch`, with `expert` added, that divide the count."""
   spec = sharding.partition_spec(("batch",), mesh, {"batch": _with_expert(rules.get("batch"))}, (n_tokens,))
@@ -215,9 +223,26 @@ def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh
     body = functools.partial(_allgather_body, tokens_split=tokens_split, tensor=tensor)
   tok = P(token_axes or None)
   run = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, _expert_specs(experts, tensor)),
-                      out_specs=tok)
+                      out_specs=tok, check_vma=_check_vma(mesh))
   y_td = run(x_td, routing.weights_tk, routing.experts_tk, experts)
   return y_td.astype(x_td.dtype)
+
+
+def routed_experts_local(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh: Mesh,
+                         rules: Mapping[str, object] | None = None) -> jax.Array:
+  """`moe.routed_experts` ("ragged": every expert on every device) under a mesh, in shard_map: each device
+  runs its own tokens (split as the batch is, over `expert` too) through every expert, the expert weights
+  gathered whole at the boundary as FSDP gathers a layer's. For grouped-matmul kernels XLA cannot
+  partition (`dispatch.partitionable_grouped_matmul`): left to XLA, a Pallas kernel would run on
+  replicated operands, each device doing the whole batch's expert work."""
+  rules = sharding.DEFAULT_RULES if rules is None else rules
+  tok = P(_token_axes(mesh, rules, x_td.shape[0]) or None)
+
+  def body(x, weights_tk, experts_tk, local):
+    return moe.routed_experts(x, moe.Routing(weights_tk, experts_tk, None), local)
+
+  run = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P()), out_specs=tok, check_vma=_check_vma(mesh))
+  return run(x_td, routing.weights_tk, routing.experts_tk, experts)
 
 
 def routed_experts_fn(impl: str):

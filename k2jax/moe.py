@@ -13,6 +13,7 @@ from k2jax.int4 import QuantizedWeight
 from k2jax.kernels import dispatch
 from k2jax.kernels.gmm_xla import num_experts
 from k2jax.layers import swiglu_mlp
+from k2jax import sharding
 from k2jax.sharding import constrain
 
 
@@ -187,6 +188,15 @@ def sequence_aux_loss(
   return alpha * jnp.mean(jnp.sum(f_be * p_be, axis=-1))
 
 
+def _opaque_kernels_mesh():
+  """(mesh, rules) of the enclosing `sharding.use_mesh` when it spans several devices and the grouped
+  matmuls there are kernels XLA cannot partition (Pallas on TPU/GPU), else None."""
+  ctx = sharding.current()
+  if ctx is None or ctx[0].size <= 1:
+    return None
+  return None if dispatch.partitionable_grouped_matmul(sharding.mesh_platform(ctx[0])) else ctx
+
+
 def moe(p: dict, x_btd: jax.Array, c: K2Config, valid_bt: jax.Array, impl: str = "ragged",
         fake_quant: str | None = None, aux_alpha: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Returns (output [B, T, D], tokens routed to each expert [E] over the valid tokens, fp32,
@@ -201,6 +211,10 @@ def moe(p: dict, x_btd: jax.Array, c: K2Config, valid_bt: jax.Array, impl: str =
   if impl in ("ep", "ep_a2a"):  # experts split over the `expert` axis of the current mesh
     from k2jax import expert_parallel  # noqa: PLC0415  (it imports this module)
     run = expert_parallel.routed_experts_fn(impl)
+  elif impl == "ragged" and _opaque_kernels_mesh() is not None:
+    from k2jax import expert_parallel  # noqa: PLC0415
+    mesh, rules = _opaque_kernels_mesh()
+    run = functools.partial(expert_parallel.routed_experts_local, mesh=mesh, rules=rules)
   else:
     run = {"ragged": routed_experts, "dense": routed_experts_dense}[impl]
   routed_td = run(x_td, r, experts)

@@ -90,6 +90,14 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
              platform=platform, interpret=interpret)
 
 
+def partitionable_grouped_matmul(backend: str | None = None) -> bool:
+  """Whether XLA can partition the grouped matmuls "auto" runs on `backend` (plain XLA), or must be handed
+  them whole: a Pallas kernel is an opaque custom call, which XLA's partitioner runs on gathered,
+  replicated operands, every device doing the whole batch's work. Callers under a mesh wrap the latter
+  in shard_map (`expert_parallel.routed_experts_local`)."""
+  return _resolve(backend, "auto", False)[1] != "pallas"
+
+
 def grouped_swiglu(x_md, w_gate, w_up, w_down, group_sizes, *, backend: str | None = None, impl: str = "auto",
                    out_dtype=None, interpret: Any = False):
   """down_e(silu(x @ gate_e) * (x @ up_e)) for the rows of group e (sorted by expert); rows past the groups

@@ -287,7 +287,7 @@ def _weight_cotangent(w, dw):
     n_a = w.a.shape[-1]
     return SideBySide(_weight_cotangent(w.a, dw[..., :n_a]), _weight_cotangent(w.b, dw[..., n_a:]))
   if isinstance(w, LayerSlice):
-    return LayerSlice(None, dw, w.layer)
+    return LayerSlice(None, _sum_to_varying_of(dw, w.row), w.layer)
   return _sum_to_varying_of(dw, w)
 
 
