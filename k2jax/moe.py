@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.config import K2Config
-from k2jax import int4
+from k2jax import int4, sharding
 from k2jax.int4 import QuantizedWeight
 from k2jax.kernels import dispatch
 from k2jax.kernels.gmm_xla import num_experts
 from k2jax.layers import swiglu_mlp
-from k2jax import sharding
 from k2jax.sharding import constrain
 
 
@@ -211,10 +210,9 @@ def moe(p: dict, x_btd: jax.Array, c: K2Config, valid_bt: jax.Array, impl: str =
   if impl in ("ep", "ep_a2a"):  # experts split over the `expert` axis of the current mesh
     from k2jax import expert_parallel  # noqa: PLC0415  (it imports this module)
     run = expert_parallel.routed_experts_fn(impl)
-  elif impl == "ragged" and _opaque_kernels_mesh() is not None:
+  elif impl == "ragged" and (ctx := _opaque_kernels_mesh()) is not None:  # tokens split, every expert
     from k2jax import expert_parallel  # noqa: PLC0415
-    mesh, rules = _opaque_kernels_mesh()
-    run = functools.partial(expert_parallel.routed_experts_local, mesh=mesh, rules=rules)
+    run = functools.partial(expert_parallel.routed_experts_local, mesh=ctx[0], rules=ctx[1])
   else:
     run = {"ragged": routed_experts, "dense": routed_experts_dense}[impl]
   routed_td = run(x_td, r, experts)
