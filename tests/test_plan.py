@@ -35,6 +35,10 @@ def test_training_on_16_devices_does_not_fit_and_on_256_does():
   adamw = 2 * 163840 * 7168 + 7168 * (1 + 2 * 61) + 61 * (1536 + 512)
   assert items["optimizer state"].total_bytes == 4 * (N_PARAMS - N_ROUTER_BIAS) + 4 * adamw
   assert not small.fits and small.device_bytes > 7 * 95 * plan.GIB  # 12 bytes per parameter in all
+  # FSDP splits the experts too: without expert parallelism each device gathers a whole layer's.
+  assert _items(small)["routed experts of one layer, gathered"].device_bytes == 3 * 384 * 7168 * 2048 * 2
+  replicated = plan.training_plan(K2, sharding.abstract_mesh("data:16"), 16, 4096, 95)  # experts whole already
+  assert not any(i.name.startswith("routed experts of one layer") for i in replicated.items)
   mesh = sharding.abstract_mesh("fsdp:16,expert:16")
   big = plan.training_plan(K2, mesh, 256, 4096, 95)  # expert-parallel, chosen from the mesh
   params = _items(big)["parameters"]
