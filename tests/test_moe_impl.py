@@ -158,19 +158,23 @@ def test_ragged_under_a_mesh_with_opaque_kernels_runs_each_devices_tokens_in_sha
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("impl,spec", [("ragged", "fsdp:2,data:2"), ("ep", "expert:2,data:2"),
-                                       ("ep_a2a", "expert:2,data:2")])
-def test_pallas_grouped_matmuls_under_a_mesh_match_one_device(monkeypatch, impl, spec):
+@pytest.mark.parametrize("impl,spec,int4_experts", [("ragged", "fsdp:2,data:2", False), ("ep", "expert:2,data:2", False),
+                                                    ("ep_a2a", "expert:2,data:2", False), ("ep", "expert:2,data:2", True)])
+def test_pallas_grouped_matmuls_under_a_mesh_match_one_device(monkeypatch, impl, spec, int4_experts):
   """The TPU Pallas kernels (interpreted) as the routed experts' grouped matmuls inside shard_map, every
-  way the experts run on a mesh: forward and gradients equal one device's plain-XLA MoE (a pallas_call's
-  outputs carry no varying-axes type, so these shard_maps run unchecked, `expert_parallel._check_vma`)."""
+  way the experts run on a mesh: forward and gradients (INT4 experts: the forward) equal one device's
+  plain-XLA MoE (a pallas_call's outputs carry no varying-axes type, so these shard_maps run unchecked,
+  `expert_parallel._check_vma`)."""
   import functools  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
   from k2jax import moe  # noqa: PLC0415
   from k2jax.kernels import dispatch  # noqa: PLC0415
   c = presets.TINY
-  p = jax.tree.map(lambda a: a[0], params_lib.init_params(c, jax.random.key(11))["moe_layers"]["moe"])
+  params = params_lib.init_params(c, jax.random.key(11))
+  if int4_experts:
+    params = params_lib.quantize_experts(params)
+  p = jax.tree.map(lambda a: a[0], params["moe_layers"]["moe"])
   rng = np.random.default_rng(1)
   x_btd = jnp.asarray(rng.normal(size=(4, 8, c.hidden_size)), jnp.float32)
   w_btd = jnp.asarray(rng.normal(size=x_btd.shape), jnp.float32)
@@ -179,7 +183,7 @@ def test_pallas_grouped_matmuls_under_a_mesh_match_one_device(monkeypatch, impl,
   def fresh(impl):  # a new function each time: a traced one keeps the mesh it was traced under
     def loss(p, x):
       return jnp.sum(moe.moe(p, x, c, valid_bt, impl=impl)[0] * w_btd)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return jax.jit(loss if int4_experts else jax.value_and_grad(loss, argnums=(0, 1)))
 
   want = fresh("ragged")(p, x_btd)
   pallas = functools.partial(dispatch.grouped_swiglu, backend="tpu", impl="pallas",
