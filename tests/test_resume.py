@@ -52,7 +52,7 @@ def test_resume_under_a_mesh_restores_onto_shapes_and_never_reads_init_from(runs
   init = tmp_path / "init"
   shutil.copytree(straight, init)
   cfg = lambda **kw: small_config(num_steps=2, checkpoint_every=1, init_from=str(init), **kw)
-  mesh = sharding.make_mesh("fsdp:4,expert:2")
+  mesh = sharding.make_mesh("fsdp:2,expert:2", jax.devices()[:4])
   with sharding.use_mesh(mesh):
     whole = trainer.train(cfg(), tmp_path / "whole", mesh)
     trainer.train(cfg(stop_after_steps=1), tmp_path / "cut", mesh)
