@@ -2,12 +2,12 @@
 
   python -m benchmarks.rl_step [--width=tiny|small --prompts=8 --samples=8 --reps=5]
 
-K2 at one of `benchmarks.widths`' widths (tiny: k2-rl's default model; small: d=512, 32 experts top-4),
-with the tiny tokenizer's vocabulary, at its initialisation (the split of time does not depend on the weights much), the arith
-environment, the config of `configs/rl_tiny.py`. Rollout: engine prefill + decode of P×K samples
-(tokens/s = sampled tokens); recompute: the trainer's forward over the [P·K, seq_len] batch (π_old);
-update: the rest of the jitted RL step (updates_per_batch forward+backward passes, MuonClip, QK-Clip,
-router bias), tokens/s over the batch's positions × updates. Medians over `reps` after one warm-up.
+K2 at one of `benchmarks.widths`' widths (tiny: k2-rl's default model; small: d=512, 32 experts top-4)
+with the tiny tokenizer's vocabulary, at its initialisation (the split of time does not depend on the
+weights much), the arith environment, the config of `configs/rl_tiny.py`. Rollout: engine prefill +
+decode of P×K samples (tokens/s = sampled tokens); recompute: the trainer's forward over the [P·K,
+seq_len] batch (π_old); update: the rest of the jitted RL step (updates_per_batch forward+backward
+passes, MuonClip, QK-Clip, router bias), tokens/s over the batch's positions × updates. Medians over `reps` after one warm-up.
 """
 
 import time

@@ -142,11 +142,12 @@ def _all_to_all_body(x_td, weights_tk, experts_tk, experts, *, n: int, tensor: b
 
 # --- entry points ---------------------------------------------------------------------------------
 
-def _check_vma(mesh) -> bool:
-  """shard_map's varying-axes checks, off where the grouped matmuls are Pallas kernels: a pallas_call's
-  outputs carry no varying-axes type, which the checks reject. Gradients are right either way (unchecked,
-  shard_map sums an input's cotangent over the axes its spec leaves out)."""
-  return dispatch.partitionable_grouped_matmul(sharding.mesh_platform(mesh))
+def opaque_kernels(mesh) -> bool:
+  """Whether the grouped matmuls on `mesh`'s devices are kernels XLA cannot partition (Pallas on TPU/GPU,
+  `dispatch.partitionable_grouped_matmul`). There the shard_maps below run without their varying-axes
+  checks: a pallas_call's outputs carry no varying-axes type, which the checks reject. Gradients are right
+  either way (unchecked, shard_map sums an input's cotangent over the axes its spec leaves out)."""
+  return not dispatch.partitionable_grouped_matmul(sharding.mesh_platform(mesh))
 
 
 def _token_axes(mesh: Mesh, rules: Mapping[str, object], n_tokens: int) -> tuple[str, ...]:
@@ -223,7 +224,7 @@ def routed_experts_ep(x_td: jax.Array, routing: moe.Routing, experts: dict, mesh
     body = functools.partial(_allgather_body, tokens_split=tokens_split, tensor=tensor)
   tok = P(token_axes or None)
   run = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, _expert_specs(experts, tensor)),
-                      out_specs=tok, check_vma=_check_vma(mesh))
+                      out_specs=tok, check_vma=not opaque_kernels(mesh))
   y_td = run(x_td, routing.weights_tk, routing.experts_tk, experts)
   return y_td.astype(x_td.dtype)
 
@@ -241,7 +242,7 @@ def routed_experts_local(x_td: jax.Array, routing: moe.Routing, experts: dict, m
   def body(x, weights_tk, experts_tk, local):
     return moe.routed_experts(x, moe.Routing(weights_tk, experts_tk, None), local)
 
-  run = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P()), out_specs=tok, check_vma=_check_vma(mesh))
+  run = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P()), out_specs=tok, check_vma=not opaque_kernels(mesh))
   return run(x_td, routing.weights_tk, routing.experts_tk, experts)
 
 

@@ -189,11 +189,12 @@ def sequence_aux_loss(
 
 def _opaque_kernels_mesh():
   """(mesh, rules) of the enclosing `sharding.use_mesh` when it spans several devices and the grouped
-  matmuls there are kernels XLA cannot partition (Pallas on TPU/GPU), else None."""
+  matmuls there are kernels XLA cannot partition (`expert_parallel.opaque_kernels`), else None."""
   ctx = sharding.current()
   if ctx is None or ctx[0].size <= 1:
     return None
-  return None if dispatch.partitionable_grouped_matmul(sharding.mesh_platform(ctx[0])) else ctx
+  from k2jax import expert_parallel  # noqa: PLC0415  (it imports this module)
+  return ctx if expert_parallel.opaque_kernels(ctx[0]) else None
 
 
 def moe(p: dict, x_btd: jax.Array, c: K2Config, valid_bt: jax.Array, impl: str = "ragged",

@@ -218,16 +218,14 @@ def _capacity(device_memory_gib: float) -> int:
   return int(device_memory_gib * GIB)
 
 
-def gathered_experts_item(c: K2Config, mesh, tree, moe_impl: str, rules=None) -> list[Item]:
+def gathered_experts_item(c: K2Config, tree, shardings, moe_impl: str) -> list[Item]:
   """Without expert parallelism each device runs every expert, so where the routed experts are split
   over the mesh (over `expert`, or over `fsdp` as FSDP splits every large weight) it gathers a whole
   layer's while that layer runs (GSPMD's all-gather, or the shard_map boundary of the Pallas kernels):
-  one layer's worth, unsharded, per device."""
+  one layer's worth, unsharded, per device. `shardings`: the parameters' (`sharding.param_shardings`)."""
   if moe_impl in ("ep", "ep_a2a") or "moe_layers" not in tree:
     return []
-  experts = tree["moe_layers"]["moe"]["experts"]
-  placed = sharding.param_shardings(c, mesh, rules, params=tree)["moe_layers"]["moe"]["experts"]
-  total, device = tree_bytes(experts, placed)
+  total, device = tree_bytes(tree["moe_layers"]["moe"]["experts"], shardings["moe_layers"]["moe"]["experts"])
   if device >= total:  # held whole on every device already
     return []
   one_layer = total // c.num_moe_layers
@@ -242,8 +240,9 @@ def serving_plan(c: K2Config, mesh, batch: int, context: int, device_memory_gib:
   tree = serving_params(c, int4)
   quant = any(hasattr(x, "packed") for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "packed")))
   label = "parameters (INT4 routed experts, bf16 rest)" if quant else "parameters (bf16)"
-  items = [_item(label, tree, sharding.param_shardings(c, mesh, rules, params=tree)),
-           cache_item(c, mesh, rules, batch, context)] + gathered_experts_item(c, mesh, tree, moe_impl, rules)
+  shardings = sharding.param_shardings(c, mesh, rules, params=tree)
+  items = [_item(label, tree, shardings),
+           cache_item(c, mesh, rules, batch, context)] + gathered_experts_item(c, tree, shardings, moe_impl)
   return Budget(f"serving: {batch} sequences x {context} tokens", items, _capacity(device_memory_gib),
                 uneven_note(c, mesh, rules, tree) + ["decoding activations not counted"])
 
@@ -263,7 +262,7 @@ def training_plan(c: K2Config, mesh, batch: int, context: int, device_memory_gib
            _item("gradients (bf16)", tree, shardings),
            Item(f"activations (estimate, remat={remat})",
                 *activation_bytes(c, mesh, rules, batch, context, remat, moe_impl))]
-  items += gathered_experts_item(c, mesh, tree, moe_impl, rules)
+  items += gathered_experts_item(c, tree, shardings, moe_impl)
   rows = ("expert rows sized for the whole expert group (dropless expert-parallel buffers)"
           if moe_impl in ("ep", "ep_a2a") else "expert rows sharded like tokens")
   return Budget(f"training: {batch} sequences x {context} tokens per step", items, _capacity(device_memory_gib),

@@ -93,8 +93,8 @@ def grouped_matmul(lhs_mk, w, group_sizes, *, backend: str | None = None, impl: 
 def partitionable_grouped_matmul(backend: str | None = None) -> bool:
   """Whether XLA can partition the grouped matmuls "auto" runs on `backend` (plain XLA), or must be handed
   them whole: a Pallas kernel is an opaque custom call, which XLA's partitioner runs on gathered,
-  replicated operands, every device doing the whole batch's work. Callers under a mesh wrap the latter
-  in shard_map (`expert_parallel.routed_experts_local`)."""
+  replicated operands, every device doing the whole batch's work. Under a mesh the latter run in
+  shard_map (`expert_parallel.opaque_kernels`)."""
   return _resolve(backend, "auto", False)[1] != "pallas"
 
 

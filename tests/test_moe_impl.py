@@ -123,74 +123,73 @@ def _eqns(jaxpr):
         yield from _eqns(inner)
 
 
+def _one_moe_layer(seed: int, int4_experts: bool, seq: int):
+  """The tiny model's first MoE layer (INT4 experts if asked), random tokens [4, seq, D] and random output
+  weights, all valid."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  c = presets.TINY
+  params = params_lib.init_params(c, jax.random.key(seed))
+  if int4_experts:
+    params = params_lib.quantize_experts(params)
+  p = jax.tree.map(lambda a: a[0], params["moe_layers"]["moe"])
+  rng = np.random.default_rng(seed)
+  x_btd = jnp.asarray(rng.normal(size=(4, seq, c.hidden_size)), jnp.float32)
+  w_btd = jnp.asarray(rng.normal(size=x_btd.shape), jnp.float32)
+  return c, p, x_btd, w_btd, jnp.ones((4, seq), bool)
+
+
+def _fresh_moe_loss(c, w_btd, valid_bt, impl: str, grads: bool):
+  """sum(moe(p, x) * w) with (out, load), jitted, with its gradients in (p, x) if `grads`. A new function
+  each call: a traced one keeps the mesh (or none) it was traced under."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from k2jax import moe  # noqa: PLC0415
+
+  def loss(p, x):
+    out, load, _ = moe.moe(p, x, c, valid_bt, impl=impl)
+    return jnp.sum(out * w_btd), (out, load)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True) if grads else loss)
+
+
+def _assert_trees_close(got, want):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("int4_experts", [False, True])
 def test_ragged_under_a_mesh_with_opaque_kernels_runs_each_devices_tokens_in_shard_map(monkeypatch, int4_experts):
   """Where the grouped matmuls are kernels XLA cannot partition (Pallas on TPU/GPU; here the CPU path is
   declared so), "ragged" under a mesh runs in shard_map, each device its own tokens through every expert:
   the same outputs and gradients as one device."""
-  import jax.numpy as jnp  # noqa: PLC0415
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-  from k2jax import moe  # noqa: PLC0415
   from k2jax.kernels import dispatch  # noqa: PLC0415
-  c = presets.TINY
-  params = params_lib.init_params(c, jax.random.key(7))
-  if int4_experts:
-    params = params_lib.quantize_experts(params)
-  p = jax.tree.map(lambda a: a[0], params["moe_layers"]["moe"])
-  rng = np.random.default_rng(0)
-  x_btd = jnp.asarray(rng.normal(size=(4, 16, c.hidden_size)), jnp.float32)
-  w_btd = jnp.asarray(rng.normal(size=x_btd.shape), jnp.float32)
-  valid_bt = jnp.ones((4, 16), bool)
-
-  def fresh():  # a new function each time: a traced one keeps the mesh (or none) it was traced under
-    def loss(p, x):
-      out, load, _ = moe.moe(p, x, c, valid_bt)
-      return jnp.sum(out * w_btd), (out, load)
-    return jax.jit(loss if int4_experts else jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
+  c, p, x_btd, w_btd, valid_bt = _one_moe_layer(7, int4_experts, 16)
+  fresh = lambda: _fresh_moe_loss(c, w_btd, valid_bt, "ragged", grads=not int4_experts)  # noqa: E731
   want = fresh()(p, x_btd)
   monkeypatch.setattr(dispatch, "partitionable_grouped_matmul", lambda backend=None: False)
   with sharding.use_mesh(sharding.make_mesh("fsdp:4,data:2")):
     eqns = [e for e in _eqns(jax.make_jaxpr(fresh())(p, x_btd).jaxpr) if e.primitive.name == "shard_map"]
     assert eqns and all(P(("data", "fsdp")) in e.params["out_specs"] for e in eqns)  # tokens split
     got = fresh()(p, x_btd)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+  _assert_trees_close(got, want)
 
 
-@pytest.mark.parametrize("impl,spec,int4_experts", [("ragged", "fsdp:2,data:2", False), ("ep", "expert:2,data:2", False),
-                                                    ("ep_a2a", "expert:2,data:2", False), ("ep", "expert:2,data:2", True)])
+@pytest.mark.parametrize("impl,spec,int4_experts", [
+    ("ragged", "fsdp:2,data:2", False), ("ep", "expert:2,data:2", False), ("ep_a2a", "expert:2,data:2", False),
+    ("ep", "expert:2,data:2", True)])
 def test_pallas_grouped_matmuls_under_a_mesh_match_one_device(monkeypatch, impl, spec, int4_experts):
   """The TPU Pallas kernels (interpreted) as the routed experts' grouped matmuls inside shard_map, every
   way the experts run on a mesh: forward and gradients (INT4 experts: the forward) equal one device's
   plain-XLA MoE (a pallas_call's outputs carry no varying-axes type, so these shard_maps run unchecked,
-  `expert_parallel._check_vma`)."""
+  `expert_parallel.opaque_kernels`)."""
   import functools  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
-  from k2jax import moe  # noqa: PLC0415
   from k2jax.kernels import dispatch  # noqa: PLC0415
-  c = presets.TINY
-  params = params_lib.init_params(c, jax.random.key(11))
-  if int4_experts:
-    params = params_lib.quantize_experts(params)
-  p = jax.tree.map(lambda a: a[0], params["moe_layers"]["moe"])
-  rng = np.random.default_rng(1)
-  x_btd = jnp.asarray(rng.normal(size=(4, 8, c.hidden_size)), jnp.float32)
-  w_btd = jnp.asarray(rng.normal(size=x_btd.shape), jnp.float32)
-  valid_bt = jnp.ones((4, 8), bool)
-
-  def fresh(impl):  # a new function each time: a traced one keeps the mesh it was traced under
-    def loss(p, x):
-      return jnp.sum(moe.moe(p, x, c, valid_bt, impl=impl)[0] * w_btd)
-    return jax.jit(loss if int4_experts else jax.value_and_grad(loss, argnums=(0, 1)))
-
-  want = fresh("ragged")(p, x_btd)
+  c, p, x_btd, w_btd, valid_bt = _one_moe_layer(11, int4_experts, 8)
+  want = _fresh_moe_loss(c, w_btd, valid_bt, "ragged", grads=not int4_experts)(p, x_btd)
   pallas = functools.partial(dispatch.grouped_swiglu, backend="tpu", impl="pallas",
                              interpret=pltpu.InterpretParams())
   monkeypatch.setattr(dispatch, "grouped_swiglu", pallas)
   monkeypatch.setattr(dispatch, "partitionable_grouped_matmul", lambda backend=None: False)
   with sharding.use_mesh(sharding.make_mesh(spec, jax.devices()[:4])):
-    got = fresh(impl)(p, x_btd)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    got = _fresh_moe_loss(c, w_btd, valid_bt, impl, grads=not int4_experts)(p, x_btd)
+  _assert_trees_close(got, want)

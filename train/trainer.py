@@ -172,21 +172,23 @@ def _compiled_steps(c, cfg):
   return _STEP_CACHE[key]
 
 
+def _with_shardings(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def _state_like(cfg, c, tx, mesh) -> ts.TrainState:
   """The state's shapes and shardings to restore onto, from shapes alone: no parameters are made or
   read (`init_from` is not loaded: the checkpoint replaces it), so a resume holds one copy of the state.
   Under a mesh, the optimizer state's shardings are what the fresh run's `init_state` gives them."""
-  shapes = jax.eval_shape(lambda: params_lib.init_params(
-      c, jax.random.key(0), params_lib.dtype_from_name(cfg.param_dtype)))
+  shapes = params_lib.abstract_params(c, params_lib.dtype_from_name(cfg.param_dtype))
   init = jax.jit(lambda p: ts.init_state(p, tx))
   if mesh is None:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), jax.eval_shape(init, shapes))
-  placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, sharding.param_shardings(c, mesh, params=shapes))
-  out = init.lower(placed).compile().output_shardings  # compiling makes no arrays
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      jax.eval_shape(init, placed), out)
+    state = jax.eval_shape(init, shapes)
+    return _with_shardings(state, jax.tree.map(lambda _: dev, state))
+  placed = _with_shardings(shapes, sharding.param_shardings(c, mesh, params=shapes))
+  # Compiling makes no arrays; its output shardings are the fresh run's.
+  return _with_shardings(jax.eval_shape(init, placed), init.lower(placed).compile().output_shardings)
 
 
 def _to_host(metrics: dict) -> dict[str, float]:
