@@ -114,9 +114,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
+def quiet_info_logs() -> None:
+  """absl turns its log level to INFO once flags are parsed, unless --verbosity was given; Orbax logs
+  every checkpoint open, save and close at INFO (30-odd lines for one `k2-generate --checkpoint`), which
+  would bury a tool's output and its one-line errors. WARNING unless the user asked (--verbosity=0)."""
+  from absl import logging as absl_logging  # noqa: PLC0415
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = None,
         keep_scratch_mapped: bool = False) -> None:
-  """`app.run(fail_cleanly(main))`, with the flags of `modules` shown by `--help`.
+  """`app.run(fail_cleanly(main))`, with the flags of `modules` shown by `--help` and absl's INFO logs
+  off unless asked for (`quiet_info_logs`).
 
   absl's `--help` lists the flags of the module named by argv[0]; for a console script that is the
   wrapper file, which defines none, so the entry point's own flags are registered under it.
@@ -131,4 +141,9 @@ def run(main: Callable, modules: Sequence[str], argv: Sequence[str] | None = Non
   for module in [*modules, __name__]:  # __name__: `define_config_file`'s --config
     for flag in flags.FLAGS.get_flags_for_module(module):
       flags.FLAGS.register_key_flag_for_module(argv[0], flag)
-  app.run(fail_cleanly(main), argv=argv, flags_parser=_parse_flags)
+
+  def quiet_main(argv):
+    quiet_info_logs()
+    return main(argv)
+
+  app.run(fail_cleanly(quiet_main), argv=argv, flags_parser=_parse_flags)

@@ -586,10 +586,11 @@ def test_cli_dry_run_and_one_line_errors(k2t, tmp_path):
   _break(src, "truncated")
   res = _cli("convert", f"--hf_dir={src}", f"--output_dir={tmp_path / 'o'}", "--noprogress")
   assert res.returncode == 1 and "Traceback" not in res.stderr
-  assert res.stderr.strip().startswith("error: ") and "truncated" in res.stderr
+  assert res.stderr.strip().startswith("k2-convert: error: ") and "truncated" in res.stderr
   assert len(res.stderr.strip().splitlines()) == 1
   res = _cli("export", f"--checkpoint={tmp_path / 'nowhere'}", f"--output_dir={tmp_path / 'e'}")
   assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+  assert res.stderr.strip().startswith("k2-export: error: ")
 
 
 def test_k2_thinking_converts_and_generates_like_transformers(tmp_path):

@@ -1,5 +1,6 @@
 """k2-generate as a new user meets it: prompts that fit are served, text output is clean, heavy mode runs,
 the tokenizer is the checkpoint's own, and wrong counts get their own error."""
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,22 @@ def test_negative_counts_and_misused_heavy_are_usage_errors():
     res = _generate("--checkpoint=unused", "--prompt_ids=1,2", flag)
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def test_a_checkpoints_error_is_not_buried_in_orbax_info_logs(stop_model, tmp_path):
+  """absl raises its log level to INFO once flags are parsed, and restoring an Orbax checkpoint logs
+  ~30 INFO lines: the error after them must stand alone unless the user asks for logs (--verbosity)."""
+  from k2jax.convert import hf_to_orbax  # noqa: PLC0415
+  path, _ = stop_model
+  hf_to_orbax.convert(path, str(tmp_path / "ckpt"), dtype="float32", progress=False)
+  info_line = re.compile(r"^I\d{4} ", re.M)  # absl's INFO prefix: I<month><day> <time>
+  args = (f"--checkpoint={tmp_path / 'ckpt'}", "--prompt_ids=1,2,99999999")
+  res = _generate(*args)
+  assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert "error: prompt ids [99999999] are outside the vocabulary" in res.stderr.strip().splitlines()[-1]
+  assert not info_line.search(res.stderr), res.stderr[:2000]
+  loud = _generate(*args, "--verbosity=0")
+  assert loud.returncode == 1 and info_line.search(loud.stderr), loud.stderr[-2000:]
 
 
 def test_tokenizer_is_the_checkpoints_own_or_a_clear_error(tmp_path):

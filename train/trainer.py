@@ -377,9 +377,7 @@ def _progress(cfg, start, end):
 
 def main(argv) -> None:
   del argv
-  from absl import app, flags, logging  # noqa: PLC0415
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  from absl import app, flags  # noqa: PLC0415
   cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
   if flags.FLAGS["moe_impl"].present:  # the flag overrides the run config's moe_impl
     with cfg.unlocked():

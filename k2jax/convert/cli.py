@@ -9,6 +9,7 @@ Expected failures (bad files, an existing output) print one line and exit 1; not
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -47,15 +48,8 @@ def _expected_errors():
           PermissionError, IsADirectoryError)
 
 
-def _quiet_orbax() -> None:
-  """Orbax logs every save step at INFO; keep the terminal to the progress bar unless asked (--verbosity)."""
-  from absl import logging as absl_logging  # noqa: PLC0415
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-
-
 def _fail(e: BaseException):
-  print(f"error: {e}", file=sys.stderr)
+  print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(e).split())}", file=sys.stderr)
   sys.exit(1)
 
 
@@ -65,7 +59,6 @@ def convert_main(argv):
   if not FLAGS.hf_dir:
     raise app.UsageError("--hf_dir is required")
   from k2jax.convert import hf_to_orbax, plan  # noqa: PLC0415
-  _quiet_orbax()
   try:
     if FLAGS.dry_run:
       p = plan.plan_convert(FLAGS.hf_dir, FLAGS.output_dir, FLAGS.dtype)
@@ -90,7 +83,6 @@ def export_main(argv):
     raise app.UsageError("--checkpoint is required")
   from k2jax.convert import orbax_to_hf, plan  # noqa: PLC0415
   max_shard = int(FLAGS.max_shard_gb * 2**30)
-  _quiet_orbax()
   try:
     if FLAGS.dry_run:
       p = plan.plan_export(FLAGS.checkpoint, FLAGS.output_dir, FLAGS.format, max_shard)

@@ -286,14 +286,12 @@ def _default_config_path() -> str:
 
 
 def main(argv) -> None:
-  from absl import app, flags, logging  # noqa: PLC0415
+  from absl import app, flags  # noqa: PLC0415
 
   from k2jax import sharding  # noqa: PLC0415
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   axes = [a.strip() for a in FLAGS.axes.split(",")] if FLAGS.axes is not None else None
   if axes is not None and not any(axes):
     raise app.UsageError("--axes is empty; name at least one of " + ", ".join(sweep.AXES))

@@ -302,9 +302,7 @@ def _progress(cfg, start, end):
 
 def main(argv) -> None:
   del argv
-  from absl import flags, logging  # noqa: PLC0415
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  from absl import flags  # noqa: PLC0415
   cfg = flags.FLAGS.config
   if flags.FLAGS.init_checkpoint:
     cfg.init_checkpoint = flags.FLAGS.init_checkpoint
