@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,8 @@ class SamplingParams:
   top_p: float = 1.0        # 1: no nucleus cut
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails every comparison
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
     if not 0 < self.top_p <= 1:

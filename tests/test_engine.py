@@ -91,6 +91,9 @@ def test_sampling_filters_and_key():
   assert int(sample(logits, keys[0], SamplingParams())[0]) == 0
   with pytest.raises(ValueError, match="top_p"):
     SamplingParams(top_p=0)
+  for bad in (-1.0, float("nan"), float("inf")):  # NaN used to pass the check and sample garbage
+    with pytest.raises(ValueError, match=f"temperature must be a finite number >= 0, got {bad}"):
+      SamplingParams(temperature=bad)
 
 
 def test_think_budget_forces_end_of_thinking():
