@@ -157,4 +157,7 @@ def test_number_rule_bounds_and_types():
   assert [rules.DECAY_RATE.admits(v) for v in (0, 0.5, 1.0, -0.1)] == [True, True, False, False]
   assert [rules.COUNT.admits(v) for v in (1, 0, 2.0, True)] == [True, False, False, False]  # bools are not counts
   assert [rules.POSITIVE.admits(v) for v in (1e-9, 0.0)] == [True, False]
+  # NaN passes every bound (its comparisons are all False); infinities are never meant
+  assert not any(rule.admits(v) for rule in (rules.POSITIVE, rules.NON_NEGATIVE, rules.FRACTION)
+                 for v in (float("nan"), float("inf")))
   assert str(rules.FRACTION) == "a number in [0, 1]" and str(rules.STEPS) == "an integer >= 0"

@@ -4,13 +4,16 @@ and a negative learning rate would train without a word)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Mapping
 
 
 @dataclasses.dataclass(frozen=True)
 class Number:
-  """A real number (an integer when `integer`) between `low` and `high`, each included unless `*_open`."""
+  """A finite real number (an integer when `integer`) between `low` and `high`, each included unless
+  `*_open`. NaN and infinities are refused: NaN passes every bound (each comparison is False), and an
+  infinite learning rate or batch is never meant."""
   integer: bool = False
   low: float | None = None
   high: float | None = None
@@ -19,7 +22,7 @@ class Number:
 
   def admits(self, value: Any) -> bool:
     kind = numbers.Integral if self.integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
       return False
     if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
       return False
