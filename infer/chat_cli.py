@@ -70,16 +70,16 @@ def main(argv):
     sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  known = {t.name: t for t in tools_lib.BUILTIN_TOOLS}
+  unknown = [t for t in FLAGS.tools if t not in known]
+  if unknown:
+    raise app.UsageError(f"unknown tool(s) {unknown}; available: {sorted(known)}")
   mesh = sharding.mesh_from_flags()
   moe_impl = sharding.moe_impl_from_flags(mesh)
   try:
     params, config = cli_common.load_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
-  known = {t.name: t for t in tools_lib.BUILTIN_TOOLS}
-  unknown = [t for t in FLAGS.tools if t not in known]
-  if unknown:
-    raise app.UsageError(f"unknown tool(s) {unknown}; available: {sorted(known)}")
   tools = [known[t] for t in FLAGS.tools]
   if "python" in FLAGS.tools:
     tools[FLAGS.tools.index("python")] = tools_lib.python_tool(isolation=FLAGS.python_isolation)

@@ -68,12 +68,15 @@ def main(argv):
   from k2jax.infer.engine import Engine  # noqa: PLC0415
   from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
   cli_common.warn_greedy_heavy("k2-generate", FLAGS.heavy, FLAGS.temperature)
+  try:  # before the mesh and the model: a bad value is the only thing said
+    sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
   mesh = sharding.mesh_from_flags()
   moe_impl = sharding.moe_impl_from_flags(mesh)
   try:
     params, config = cli_common.load_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
-    sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   try:  # ids in and out need no tokenizer, but its stop ids count when there is one

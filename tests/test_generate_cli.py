@@ -58,10 +58,11 @@ def test_heavy_mode_cli(stop_model):
 
 def test_negative_counts_and_misused_heavy_are_usage_errors():
   for flag, message in (("--max_new_tokens=-5", "--max_new_tokens must be >= 0, got -5"),
-                        ("--heavy=2", "--heavy needs --chat")):
+                        ("--heavy=2", "--heavy needs --chat"),
+                        ("--temperature=nan", "temperature must be a finite number >= 0, got nan")):
     res = _generate("--checkpoint=unused", "--prompt_ids=1,2", flag)
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
 
 
 def test_a_checkpoints_error_is_not_buried_in_orbax_info_logs(stop_model, tmp_path):

@@ -90,6 +90,11 @@ def test_chat_cli_streams_a_turn(tmp_path):
   assert res.returncode == 1 and "you>" not in res.stdout
   assert ("--context=4096 + --max_new_tokens=96 exceeds the model's max_position_embeddings=4096"
           in res.stderr.splitlines()[-1]), res.stderr[-2000:]
+  # An unknown tool is named before any model is looked for: the only line said.
+  res = subprocess.run([sys.executable, "-m", "k2jax.infer.chat_cli", f"--hf_dir={tmp_path / 'none'}",
+                        "--tools=calculator,nope"], input="hi\n", capture_output=True, text=True, timeout=300)
+  assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+  assert "unknown tool(s) ['nope']; available: ['calculator', 'python']" in res.stderr
 
 
 def test_chat_cli_heavy_mode(tmp_path):
