@@ -61,25 +61,16 @@ def main(argv):
   from k2jax.infer import cli_common, sandbox, tools as tools_lib  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
   from k2jax.infer.policy import EnginePolicy  # noqa: PLC0415
-  from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
 
   if FLAGS.heavy < 0:
     raise app.UsageError(f"--heavy must be >= 0, got {FLAGS.heavy}")
   cli_common.warn_greedy_heavy("k2-chat", FLAGS.heavy, FLAGS.temperature)
-  try:  # before the model loads: a bad value is the first thing said, not a traceback at the first message
-    sampling = SamplingParams(FLAGS.temperature, 0, FLAGS.top_p)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  sampling = cli_common.sampling_params(FLAGS.temperature, 0, FLAGS.top_p)
   known = {t.name: t for t in tools_lib.BUILTIN_TOOLS}
   unknown = [t for t in FLAGS.tools if t not in known]
   if unknown:
     raise app.UsageError(f"unknown tool(s) {unknown}; available: {sorted(known)}")
-  mesh = sharding.mesh_from_flags()
-  moe_impl = sharding.moe_impl_from_flags(mesh)
-  try:
-    params, config = cli_common.load_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  mesh, moe_impl, params, config = cli_common.mesh_and_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
   tools = [known[t] for t in FLAGS.tools]
   if "python" in FLAGS.tools:
     tools[FLAGS.tools.index("python")] = tools_lib.python_tool(isolation=FLAGS.python_isolation)

@@ -7,6 +7,32 @@ import sys
 from k2jax import params as params_lib
 
 
+def sampling_params(temperature: float, top_k: int, top_p: float):
+  """`SamplingParams` of the flags; a bad value is a usage error. Call before `mesh_and_model`: then it
+  is the only thing said."""
+  from absl import app  # noqa: PLC0415
+
+  from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
+  try:
+    return SamplingParams(temperature, top_k, top_p)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+def mesh_and_model(hf_dir: str | None, checkpoint: str | None, dtype: str):
+  """(mesh, moe_impl, params, config): the `--mesh` (built before any other JAX work), then the model from
+  `load_model`, whose missing or wrong source is a usage error."""
+  from absl import app  # noqa: PLC0415
+
+  from k2jax import sharding  # noqa: PLC0415
+  mesh = sharding.mesh_from_flags()
+  moe_impl = sharding.moe_impl_from_flags(mesh)
+  try:
+    params, config = load_model(hf_dir, checkpoint, dtype)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  return mesh, moe_impl, params, config
+
 
 def load_model(hf_dir: str | None, checkpoint: str | None, dtype: str):
   """(params, config) from an HF folder or a k2-train workdir/checkpoint."""

@@ -66,19 +66,9 @@ def main(argv):
 
   from k2jax.infer import cli_common  # noqa: PLC0415
   from k2jax.infer.engine import Engine  # noqa: PLC0415
-  from k2jax.infer.sampling import SamplingParams  # noqa: PLC0415
   cli_common.warn_greedy_heavy("k2-generate", FLAGS.heavy, FLAGS.temperature)
-  try:  # before the mesh and the model: a bad value is the only thing said
-    sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-
-  mesh = sharding.mesh_from_flags()
-  moe_impl = sharding.moe_impl_from_flags(mesh)
-  try:
-    params, config = cli_common.load_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  sampling = cli_common.sampling_params(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  mesh, moe_impl, params, config = cli_common.mesh_and_model(FLAGS.hf_dir, FLAGS.checkpoint, FLAGS.dtype)
   try:  # ids in and out need no tokenizer, but its stop ids count when there is one
     tok = cli_common.load_tokenizer(FLAGS.hf_dir, config, FLAGS.checkpoint)
   except ValueError as e:
