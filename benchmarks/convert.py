@@ -7,7 +7,7 @@ peak RSS.
 Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
 --workdir, then alternates a plain `cp -r` of its folder (into the page cache), a durable `cp -r` + sync
 (the converter's output is fsynced before it is committed) and a `k2-convert` of it (and, with
---baseline_code, another checkout's), then a `k2-export` of the result back to HF (the baseline's once;
+--baseline_code, another checkout's, the two in alternating order), then a `k2-export` of the result back to HF (the baseline's once;
 the result is read into the page cache first, as the source of every side is),
 each in its own process after a pause (`--settle_s`), `--repeats` times; prints medians, the ratios,
 and the peak RSS of the conversions and exports against the largest shard and the largest leaf.
@@ -92,20 +92,31 @@ def write_checkpoint(c, folder: str) -> None:
     json.dump(c.to_hf(), f, indent=2)
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
+
+
+def _on_tree(code: str, root: str) -> str:
+  """`code`, failing unless the k2jax it imports is `root`'s."""
+  return (f"import os, k2jax; assert os.path.realpath(k2jax.__file__).startswith("
+          f"os.path.realpath({root!r}) + os.sep), k2jax.__file__; " + code)
+
+
 def _baseline(code: str, out: str, label: str) -> tuple[float, float | None]:
   """(wall s, s after start-up) of `code` run on the --baseline_code tree; its output folder removed."""
-  s, _, inner = _child(code, _BASELINE.value)
+  s, _, inner = _child(_on_tree(code, _BASELINE.value), _BASELINE.value)
   print(f"  {label} {s:.1f} s ({inner:.1f} s after start-up)", flush=True)
   shutil.rmtree(out)
   return s, inner
 
 
-def _child(code: str, pythonpath: str | None = None) -> tuple[float, int, float | None]:
-  """(seconds, peak RSS bytes, the work's own seconds if it printed them) of `python -c code`."""
-  env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+def _child(code: str, tree: str = _ROOT) -> tuple[float, int, float | None]:
+  """(seconds, peak RSS bytes, the work's own seconds if it printed them) of `python -c code` run on the
+  checkout `tree`. Run in that folder: `-c` puts the working folder first on sys.path, ahead of
+  PYTHONPATH (a child started elsewhere with only PYTHONPATH set imported the working folder's k2jax)."""
+  env = dict(os.environ, PYTHONPATH=tree)
   time.sleep(_SETTLE.value)
   t = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
   out = proc.stdout.read()
   _, status, usage = os.wait4(proc.pid, 0)
   seconds = time.perf_counter() - t
@@ -155,13 +166,22 @@ def main(argv):
                           "os.sync()")[0])
       shutil.rmtree(dst)
       out = os.path.join(root, f"conv{i}")
-      code = (f"import json; from k2jax.convert import convert; "
-              f"print(json.dumps(convert({src!r}, {out!r}, progress=False)))")
-      if _BASELINE.value:
-        s, inner = _baseline(code, out, f"run {i}: baseline convert")
+      code = lambda dst: (f"import json; from k2jax.convert import convert; "
+                          f"print(json.dumps(convert({src!r}, {dst!r}, progress=False)))")
+
+      def baseline_side():
+        s, inner = _baseline(code(out + "-base"), out + "-base", f"run {i}: baseline convert")
         base_s.append(s)
         base_inner.append(inner)
-      s, r, inner = _child(code)
+
+      # Which side goes first alternates: a side's time depends on the state the previous one left the
+      # memory in (the same code run first
+      # and then second: the first faster in 6 runs of 6).
+      if _BASELINE.value and i % 2 == 0:
+        baseline_side()
+      s, r, inner = _child(_on_tree(code(out), _ROOT))
+      if _BASELINE.value and i % 2 == 1:
+        baseline_side()
       conv_s.append(s)
       inner_s.append(inner)
       rss.append(r)
@@ -174,7 +194,7 @@ def main(argv):
                 f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")
         if _BASELINE.value and i == 0:  # the previous exporter once (it is slow)
           base_export.append(_baseline(code, back, f"run {i}: baseline export"))
-        s, r, inner = _child(code)
+        s, r, inner = _child(_on_tree(code, _ROOT))
         export_s.append(s)
         export_inner.append(inner)
         rss.append(r)

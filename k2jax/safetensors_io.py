@@ -66,13 +66,16 @@ class SafetensorsFile:
   The header is validated in full on open (names, dtypes, shapes, byte ranges in bounds, of the size
   shape x dtype, not overlapping), so a truncated or forged file fails here, naming the file and tensor.
   Tensors are read with plain file reads into fresh buffers (a streaming reader's memory stays bounded),
-  or with `mapped` as memory maps of the page cache: no read copy and no new memory to fault in, for a
-  reader that copies each tensor into place at once (a map is released when its views are dropped).
+  or with `mapped` as views of one memory map of the whole file (the page cache): no read copy and no new
+  memory to fault in, for a reader that copies each tensor into place at once and then `release`s it
+  (its pages leave this process's resident set; they stay in the page cache).
   """
 
   def __init__(self, path: str, mapped: bool = False):
     self.path = path
     self.mapped = mapped
+    self._map_lock = threading.Lock()
+    self._file_map: mmap.mmap | None = None  # the whole file, mapped at the first mapped read
     if not os.path.isfile(path):
       raise SafetensorsError(f"{path}: not a file")
     size = os.path.getsize(path)
@@ -155,20 +158,34 @@ class SafetensorsFile:
         got += more
     return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
+  def _whole_map(self) -> mmap.mmap:
+    with self._map_lock:
+      if self._file_map is None:
+        with open(self.path, "rb") as f:
+          self._file_map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+      return self._file_map
+
   def _map(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+    """A view of the tensor in the file's map. One map per file, not one per tensor: a map per tensor
+    cost an open, an mmap and a munmap (with its TLB flush on every core) per slice, ~15 % of a
+    conversion's CPU (benchmarks/NOTES.md)."""
     e = self.entries[name]
     dtype = DTYPES[e["dtype"]]
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(self.path, "rb") as f:
-      # A file cut short after its header was checked would crash a reader of the map (SIGBUS).
-      if os.fstat(f.fileno()).st_size < offset + nbytes:
-        raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended while reading (truncated)")
-      m = mmap.mmap(f.fileno(), offset + nbytes - base, flags=mmap.MAP_SHARED | _POPULATE,
-                    prot=mmap.PROT_READ, offset=base)
-    return np.frombuffer(m, dtype, nbytes // dtype.itemsize, offset - base).reshape(e["shape"])
+    m = self._whole_map()
+    # A file cut short after its header was checked would crash a reader of the map (SIGBUS).
+    if m.size() < offset + nbytes:
+      raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended while reading (truncated)")
+    return np.frombuffer(m, dtype, nbytes // dtype.itemsize, offset).reshape(e["shape"])
 
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # page tables filled in one call, not a fault per page
+  def release(self, name: str) -> None:
+    """A mapped tensor's pages leave this process's resident set (its views stay valid: read again, they
+    fault back in from the page cache), so a reader's memory stays bounded by what it holds."""
+    if self._file_map is None or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    start, end = self.entries[name]["data_offsets"]
+    first = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+      self._file_map.madvise(mmap.MADV_DONTNEED, first, self._data_start + end - first)
 
 
 # Inf / NaN are exactly the values whose bits without the sign are at least these (the exponent all ones;
@@ -255,9 +272,9 @@ class Checkpoint:
     """This checkpoint (headers already validated) with its tensors read as memory maps of the page cache
     (`SafetensorsFile`'s `mapped`)."""
     out = copy.copy(self)
-    out._files = {f: copy.copy(sf) for f, sf in self._files.items()}
-    for sf in out._files.values():
-      sf.mapped = True
+    out._files = {f: SafetensorsFile.__new__(SafetensorsFile) for f in self._files}
+    for f, sf in out._files.items():
+      sf.__dict__.update(self._files[f].__dict__, mapped=True, _map_lock=threading.Lock(), _file_map=None)
     return out
 
   def file_of(self, name: str) -> str:
@@ -272,6 +289,11 @@ class Checkpoint:
 
   def nbytes(self, name: str) -> int:
     return self._files[self.where[name]].nbytes(name)
+
+  def release(self, names: Iterable[str]) -> None:
+    """Mapped tensors read and copied: their pages leave the resident set (`SafetensorsFile.release`)."""
+    for name in names:
+      self._files[self.where[name]].release(name)
 
   def get(self, name: str) -> np.ndarray:
     """The tensor's data; with `check_finite`, a float tensor holding NaN or Inf is an error."""

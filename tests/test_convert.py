@@ -266,6 +266,37 @@ def test_mapped_reads_equal_file_reads_and_a_shard_cut_short_later_is_named(k2t,
     mapped.get(last)
 
 
+def _mapped_rss_kb(path: str) -> int:
+  """Resident kB of this process's maps of the file at `path` (/proc/self/smaps)."""
+  total, inside = 0, False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()
+      if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+        inside = line.rstrip("\n").endswith(" " + os.path.realpath(path))
+      elif inside and head[0] == "Rss:":
+        total += int(head[1])
+  return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps")
+def test_a_mapped_file_is_mapped_once_and_released_tensors_leave_the_resident_set(k2t):
+  ck = Checkpoint(k2t).mapped()
+  shard = max(ck.files().values(), key=lambda sf: os.path.getsize(sf.path))
+  names = shard.keys()
+  total = sum(float(np.abs(ck.get(n).astype(np.float32)).sum()) for n in names)  # every page touched
+  assert np.isfinite(total)
+  maps = sum(1 for line in open("/proc/self/maps") if line.rstrip("\n").endswith(os.path.realpath(shard.path)))
+  assert maps == 1  # one map of the whole file, not one per tensor
+  data = sum(shard.nbytes(n) for n in names)
+  assert _mapped_rss_kb(shard.path) * 1024 >= 0.9 * data
+  ck.release(names)
+  assert _mapped_rss_kb(shard.path) <= 64  # at most the header's pages, mapped around a first fault
+  again = ck.get(names[0])  # a view read after its release faults back in from the page cache
+  np.testing.assert_array_equal(again.reshape(-1).view(np.uint8),
+                                Checkpoint(k2t).get(names[0]).reshape(-1).view(np.uint8))
+
+
 def test_write_order_starts_and_ends_with_small_batches():
   sizes = {"a": 5, "b": 700, "c": 30, "d": 1, "e": 300, "f": 20, "g": 64}
   order = layout.write_order(sizes, batch_bytes=256)

@@ -97,6 +97,7 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
         else:
           get = _counting(reading.slice_reader(leaf, ckpt, keep), leaf, ckpt, bar)
           value = hf.load_leaf(leaf, ckpt, dt, shardings[leaf.path], keep, get=get)
+          ckpt.release(n for s in leaf.slices() for n in hf.slice_tensor_names(leaf, ckpt, *s))
         written += layout.nbytes(value)
         writer.write(leaf.path, value)
         del value

@@ -76,7 +76,9 @@ def read_leaf(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, empty: Ca
     pos = tuple(i for i in (layer, expert) if i is not None)
     for i, (o, part) in enumerate(zip(outs, slice_views(leaf, ckpt, layer, expert, keep_int4))):
       (copy_words_to_packed if keep_int4 and i == 0 else copy_into)(o[pos], part)
-    return sum(ckpt.nbytes(t) for t in hf.slice_tensor_names(leaf, ckpt, layer, expert))
+    names = hf.slice_tensor_names(leaf, ckpt, layer, expert)
+    ckpt.release(names)  # copied: a mapped slice's pages need not stay resident
+    return sum(ckpt.nbytes(t) for t in names)
 
   slices = list(leaf.slices())
   if pool is None or len(slices) == 1:
