@@ -177,15 +177,21 @@ class SafetensorsFile:
       raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended while reading (truncated)")
     return np.frombuffer(m, dtype, nbytes // dtype.itemsize, offset).reshape(e["shape"])
 
-  def release(self, name: str) -> None:
-    """A mapped tensor's pages leave this process's resident set (its views stay valid: read again, they
-    fault back in from the page cache), so a reader's memory stays bounded by what it holds."""
+  def release(self, names: Iterable[str]) -> None:
+    """Mapped tensors' pages leave this process's resident set (their views stay valid: read again, they
+    fault back in from the page cache), so a reader's memory stays bounded by what it holds. Adjacent
+    tensors (a slice's INT4 words, scales and shape) go in one call."""
     if self._file_map is None or not hasattr(mmap, "MADV_DONTNEED"):
       return
-    start, end = self.entries[name]["data_offsets"]
-    first = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-      self._file_map.madvise(mmap.MADV_DONTNEED, first, self._data_start + end - first)
+    runs: list[list[int]] = []
+    for start, end in sorted(self.entries[n]["data_offsets"] for n in names):
+      first = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
+      if runs and first <= runs[-1][1]:
+        runs[-1][1] = max(runs[-1][1], self._data_start + end)
+      elif end > start:
+        runs.append([first, self._data_start + end])
+    for first, end in runs:
+      self._file_map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 # Inf / NaN are exactly the values whose bits without the sign are at least these (the exponent all ones;
@@ -292,8 +298,11 @@ class Checkpoint:
 
   def release(self, names: Iterable[str]) -> None:
     """Mapped tensors read and copied: their pages leave the resident set (`SafetensorsFile.release`)."""
+    by_file: dict[str, list[str]] = {}
     for name in names:
-      self._files[self.where[name]].release(name)
+      by_file.setdefault(self.where[name], []).append(name)
+    for f, group in by_file.items():
+      self._files[f].release(group)
 
   def get(self, name: str) -> np.ndarray:
     """The tensor's data; with `check_finite`, a float tensor holding NaN or Inf is an error."""
