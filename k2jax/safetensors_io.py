@@ -278,9 +278,10 @@ class Checkpoint:
     """This checkpoint (headers already validated) with its tensors read as memory maps of the page cache
     (`SafetensorsFile`'s `mapped`)."""
     out = copy.copy(self)
-    out._files = {f: SafetensorsFile.__new__(SafetensorsFile) for f in self._files}
-    for f, sf in out._files.items():
-      sf.__dict__.update(self._files[f].__dict__, mapped=True, _map_lock=threading.Lock(), _file_map=None)
+    out._files = {}
+    for f, sf in self._files.items():
+      out._files[f] = m = copy.copy(sf)
+      m.mapped, m._map_lock, m._file_map = True, threading.Lock(), None  # a map of its own
     return out
 
   def file_of(self, name: str) -> str:
