@@ -7,8 +7,9 @@ peak RSS.
 Writes the checkpoint (INT4 routed experts, bf16 elsewhere, one shard per layer like the release) under
 --workdir, then alternates a plain `cp -r` of its folder (into the page cache), a durable `cp -r` + sync
 (the converter's output is fsynced before it is committed) and a `k2-convert` of it (and, with
---baseline_code, another checkout's, the two in alternating order), then a `k2-export` of the result back to HF (the baseline's once;
-the result is read into the page cache first, as the source of every side is),
+--baseline_code, another checkout's, the two in alternating order), then a `k2-export` of the result
+back to HF (the baseline's once; the result is read into the page cache first, as the source of every
+side is),
 each in its own process after a pause (`--settle_s`), `--repeats` times; prints medians, the ratios,
 and the peak RSS of the conversions and exports against the largest shard and the largest leaf.
 Everything it wrote is removed at the end.
@@ -95,15 +96,16 @@ def write_checkpoint(c, folder: str) -> None:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout
 
 
-def _on_tree(code: str, root: str) -> str:
-  """`code`, failing unless the k2jax it imports is `root`'s."""
-  return (f"import os, k2jax; assert os.path.realpath(k2jax.__file__).startswith("
-          f"os.path.realpath({root!r}) + os.sep), k2jax.__file__; " + code)
+def _k2jax_child(code: str, tree: str = _ROOT) -> tuple[float, int, float | None]:
+  """`_child` of `code` on `tree`, failing unless the k2jax it imports is that tree's."""
+  check = (f"import os, k2jax; assert os.path.realpath(k2jax.__file__).startswith("
+           f"os.path.realpath({tree!r}) + os.sep), k2jax.__file__; ")
+  return _child(check + code, tree)
 
 
 def _baseline(code: str, out: str, label: str) -> tuple[float, float | None]:
   """(wall s, s after start-up) of `code` run on the --baseline_code tree; its output folder removed."""
-  s, _, inner = _child(_on_tree(code, _BASELINE.value), _BASELINE.value)
+  s, _, inner = _k2jax_child(code, _BASELINE.value)
   print(f"  {label} {s:.1f} s ({inner:.1f} s after start-up)", flush=True)
   shutil.rmtree(out)
   return s, inner
@@ -166,20 +168,20 @@ def main(argv):
                           "os.sync()")[0])
       shutil.rmtree(dst)
       out = os.path.join(root, f"conv{i}")
-      code = lambda dst: (f"import json; from k2jax.convert import convert; "
-                          f"print(json.dumps(convert({src!r}, {dst!r}, progress=False)))")
+      def convert_code(dst: str) -> str:
+        return (f"import json; from k2jax.convert import convert; "
+                f"print(json.dumps(convert({src!r}, {dst!r}, progress=False)))")
 
       def baseline_side():
-        s, inner = _baseline(code(out + "-base"), out + "-base", f"run {i}: baseline convert")
+        s, inner = _baseline(convert_code(out + "-base"), out + "-base", f"run {i}: baseline convert")
         base_s.append(s)
         base_inner.append(inner)
 
       # Which side goes first alternates: a side's time depends on the state the previous one left the
-      # memory in (the same code run first
-      # and then second: the first faster in 6 runs of 6).
+      # memory in (the same code run first and then second: the first faster in 6 runs of 6).
       if _BASELINE.value and i % 2 == 0:
         baseline_side()
-      s, r, inner = _child(_on_tree(code(out), _ROOT))
+      s, r, inner = _k2jax_child(convert_code(out))
       if _BASELINE.value and i % 2 == 1:
         baseline_side()
       conv_s.append(s)
@@ -194,7 +196,7 @@ def main(argv):
                 f"print(json.dumps(export({out!r}, {back!r}, progress=False)))")
         if _BASELINE.value and i == 0:  # the previous exporter once (it is slow)
           base_export.append(_baseline(code, back, f"run {i}: baseline export"))
-        s, r, inner = _child(_on_tree(code, _ROOT))
+        s, r, inner = _k2jax_child(code)
         export_s.append(s)
         export_inner.append(inner)
         rss.append(r)

@@ -286,7 +286,8 @@ def test_a_mapped_file_is_mapped_once_and_released_tensors_leave_the_resident_se
   names = shard.keys()
   total = sum(float(np.abs(ck.get(n).astype(np.float32)).sum()) for n in names)  # every page touched
   assert np.isfinite(total)
-  maps = sum(1 for line in open("/proc/self/maps") if line.rstrip("\n").endswith(os.path.realpath(shard.path)))
+  with open("/proc/self/maps") as f:
+    maps = sum(1 for line in f if line.rstrip("\n").endswith(os.path.realpath(shard.path)))
   assert maps == 1  # one map of the whole file, not one per tensor
   data = sum(shard.nbytes(n) for n in names)
   assert _mapped_rss_kb(shard.path) * 1024 >= 0.9 * data
