@@ -365,6 +365,45 @@ def test_export_streams_into_planned_shards_the_reference_reader_loads(k2t, conv
   assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
 
+def test_export_reads_large_stacked_leaves_a_run_of_layers_at_a_time(k2t, converted, tmp_path, monkeypatch):
+  """A stacked leaf over the restore size never comes through Orbax whole: its stored bytes are read a
+  few layers at a time, and the export is still the source bit for bit."""
+  from k2jax.convert import stored as stored_lib
+  limit = 3_000
+  monkeypatch.setattr(orbax_to_hf, "RESTORE_BYTES", limit)
+  whole, rows = [], []
+  real_restore, real_rows = orbax_to_hf._restore, stored_lib.StoredArrays.rows
+  monkeypatch.setattr(orbax_to_hf, "_restore", lambda m, s, likes: whole.extend(likes) or real_restore(m, s, likes))
+  monkeypatch.setattr(stored_lib.StoredArrays, "rows",
+                      lambda self, raw, a, b: rows.append((raw.key, a, b)) or real_rows(self, raw, a, b))
+  back = str(tmp_path / "back")
+  export(converted, back, progress=False)
+  _assert_same_tensors(k2t, back)
+  like = checkpointing.abstract_params_of(checkpointing.read_meta(converted), C)
+  is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
+  big = {p for p, x in orbax_to_hf._flat(like, is_qw) if p.startswith(("dense_layers", "moe_layers"))
+         and layout.nbytes(x) > limit}
+  assert len(big) > 10 and not big & set(whole)
+  for path in big:  # every layer read, in order, as runs that cover the stack once
+    leaf = dict(orbax_to_hf._flat(like, is_qw))[path]
+    arrays = ["packed", "scales"] if is_qw(leaf) else [None]
+    for a in arrays:
+      key = path.replace("/", ".") + (f".{a}" if a else "") + "/c/"
+      runs = [(r0, r1) for k, r0, r1 in rows if k.startswith(key)]
+      n = (leaf.packed if a else leaf).shape[0]
+      assert [r for run in runs for r in range(*run)] == list(range(n)), (key, runs)
+  # A layout it does not know is Orbax's to read; a value shorter than its metadata is named.
+  stored = stored_lib.StoredArrays(os.path.join(converted, "checkpoints", "0", "params"))
+  name = "moe_layers.moe.experts.down_efd.packed"
+  raw = stored.raw(name, like["moe_layers"]["moe"]["experts"]["down_efd"].packed.shape, np.int32)
+  assert raw is not None and raw.offset == 0
+  assert stored.raw(name, raw.shape, np.float32) is None and stored.raw(name, raw.shape[1:], np.int32) is None
+  assert stored.raw("no.such.array", raw.shape, np.int32) is None
+  short = stored_lib.RawArray(raw.key, raw.offset + raw.row_bytes, raw.shape, raw.dtype)
+  with pytest.raises(stored_lib.StoredArrayError, match=f"{raw.key}: rows 0:{raw.shape[0]} should be"):
+    stored.rows(short, 0, raw.shape[0])
+
+
 def test_converted_checkpoint_keeps_int4_and_loads_like_the_hf_folder(k2t, converted):
   got, c = checkpointing.load_params_for_inference(converted, jnp.bfloat16)
   want = hf.load_params(k2t, K2Config.from_hf(k2t), jnp.bfloat16)

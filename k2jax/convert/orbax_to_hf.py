@@ -8,6 +8,7 @@ quantiser, so the exported model is the one QAT trained.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import numpy as np
 from k2jax import hf, int4
 from k2jax.config import ConfigError, K2Config
 from k2jax.convert import layout, reading
+from k2jax.convert import stored as stored_lib
 from k2jax.host_copy import copy_into, copy_packed_to_words
 from k2jax.safetensors_io import DTYPES, ShardWriter
 
@@ -81,17 +83,62 @@ def read_leaves(checkpoint: str):
     manager.close()
 
 
-def _batches(leaves: list[hf.Leaf], sizes: dict[str, int], batch_bytes: int) -> list[list[hf.Leaf]]:
-  """Consecutive leaves gathered into restores of up to `batch_bytes` (a larger leaf alone)."""
-  out: list[list[hf.Leaf]] = []
-  size = batch_bytes
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+  """What one restore brings in for a leaf: all of it (through Orbax), or a run of its layers read by
+  byte range from its stored arrays (`raws`: packed and scales of an INT4 leaf, else one)."""
+  leaf: hf.Leaf
+  nbytes: int
+  layers: range | None = None
+  raws: tuple[stored_lib.RawArray, ...] = ()
+
+
+def _pieces(leaves: list[hf.Leaf], flat: dict[str, Any], sizes: dict[str, int], stored: stored_lib.StoredArrays,
+            batch_bytes: int) -> list[_Piece]:
+  """Every leaf whole, except a stacked leaf over `batch_bytes` that is stored uncompressed: runs of
+  its layers of up to `batch_bytes` (one layer at least), so host memory never holds it whole."""
+  out = []
   for leaf in leaves:
-    if size + sizes[leaf.path] > batch_bytes:
-      out.append([])
-      size = 0
-    out[-1].append(leaf)
-    size += sizes[leaf.path]
+    like, size = flat[leaf.path], sizes[leaf.path]
+    arrays = (("packed", like.packed), ("scales", like.scales)) if isinstance(like, int4.QuantizedWeight) else (
+        ("", like),)
+    raws = []
+    if leaf.layer0 is not None and size > batch_bytes:
+      name = leaf.path.replace("/", ".")
+      raws = [stored.raw(f"{name}.{k}" if k else name, a.shape, a.dtype) for k, a in arrays]
+    if not raws or None in raws:
+      out.append(_Piece(leaf, size))
+      continue
+    n = leaf.spec.shape[0]
+    step = max(1, batch_bytes // (size // n))
+    out += [_Piece(leaf, size * (min(n, l0 + step) - l0) // n, range(l0, min(n, l0 + step)), tuple(raws))
+            for l0 in range(0, n, step)]
   return out
+
+
+def _batches(pieces: list[_Piece], batch_bytes: int) -> list[list[_Piece]]:
+  """Consecutive whole leaves gathered into restores of up to `batch_bytes` (a larger one alone); a run
+  of layers alone."""
+  out: list[list[_Piece]] = []
+  size = batch_bytes
+  for piece in pieces:
+    if piece.layers is not None or size + piece.nbytes > batch_bytes:
+      out.append([])
+      size = batch_bytes if piece.layers is not None else 0
+    out[-1].append(piece)
+    size += piece.nbytes
+  return out
+
+
+def _restore_batch(manager, step: int, stored: stored_lib.StoredArrays, flat: dict[str, Any],
+                   batch: list[_Piece]) -> list[Any]:
+  """The values of a batch's pieces, in order (numpy, or a QuantizedWeight of numpy)."""
+  first = batch[0]
+  if first.layers is not None:
+    parts = [stored.rows(raw, first.layers.start, first.layers.stop) for raw in first.raws]
+    return [int4.QuantizedWeight(*parts) if len(parts) == 2 else parts[0]]
+  values = _restore(manager, step, {piece.leaf.path: flat[piece.leaf.path] for piece in batch})
+  return [values[piece.leaf.path] for piece in batch]
 
 
 def _quantizer(mode: str):
@@ -109,8 +156,10 @@ def _copy_view(dst: np.ndarray, view: np.ndarray) -> None:
   copy_into(dst.reshape(view.shape), view)
 
 
-def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None) -> list[Part]:
-  """The HF tensors of one leaf in the order they are written, from its stored shape and dtype alone."""
+def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None,
+                layers: range | None = None) -> list[Part]:
+  """The HF tensors of one leaf in the order they are written, from its stored shape and dtype alone;
+  with `layers`, those of these layers only, taken from a value that holds just them."""
   bf16 = np.dtype(ml_dtypes.bfloat16)
   parts: list[Part] = []
   quantized: dict = {}  # a dense expert leaf's INT4 form, one layer at a time (the last one kept)
@@ -120,13 +169,15 @@ def _leaf_parts(leaf: hf.Leaf, like: Any, fmt: str, quantize: Callable | None) -
       return value
     if layer not in quantized:  # a training run's dense experts, through the jitted QAT quantiser
       quantized.clear()
-      q = quantize(jnp.asarray(value[layer], jnp.float32))
+      q = quantize(jnp.asarray(value[layer if layers is None else layer - layers.start], jnp.float32))
       quantized[layer] = int4.QuantizedWeight(np.asarray(q.packed)[None], np.asarray(q.scales)[None])
     return quantized[layer]
 
   stored_int4 = isinstance(like, int4.QuantizedWeight)
   for layer, e in leaf.slices():
-    idx = tuple(i for i in (layer, e) if i is not None)
+    if layers is not None and layer not in layers:
+      continue
+    idx = tuple(i for i in (layer if layers is None else layer - layers.start, e) if i is not None)
     name = leaf.hf_name(layer, e)
     if leaf.map.linear and leaf.experts and fmt == "k2_thinking":
       n_out, n_in = leaf.hf_shape
@@ -203,7 +254,9 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
   headers are planned from shapes, so nothing is gathered), each shard fsynced in the background every
   `layout.RECYCLE_BYTES` written and when it is complete, its synced pages then dropped from the page
   cache (so little is left to sync at the end, and the writes reuse the pages just freed). Host memory:
-  two restores of up to `RESTORE_BYTES` (or a leaf) plus the two slabs."""
+  two restores of up to `RESTORE_BYTES` plus the two slabs: a stacked leaf stored uncompressed (as
+  `k2-convert` writes it) is read a run of layers at a time (`stored`); one that is not (a `k2-train`
+  checkpoint's, compressed) is restored whole by Orbax, which holds it twice while it reads it."""
   if fmt not in FORMATS:
     raise layout.ConvertError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
   from k2jax.train import checkpointing  # noqa: PLC0415
@@ -219,8 +272,10 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
     if fmt == "k2_thinking" and any(leaf.experts and not is_qw(flat[leaf.path]) for leaf in leaves):
       from k2jax.train.train_step import QAT_MODE  # noqa: PLC0415  (imports the model: only when needed)
       quantize = _quantizer(QAT_MODE)
-    parts = {leaf.path: _leaf_parts(leaf, flat[leaf.path], fmt, quantize) for leaf in leaves}
-    specs = [(name, shape, _NAMES[dt]) for leaf in leaves for name, shape, dt, *_ in parts[leaf.path]]
+    stored = stored_lib.StoredArrays(str(manager.directory / str(step) / "params"))
+    pieces = _pieces(leaves, flat, sizes, stored, RESTORE_BYTES)
+    parts = [_leaf_parts(p.leaf, flat[p.leaf.path], fmt, quantize, p.layers) for p in pieces]
+    specs = [(name, shape, _NAMES[dt]) for piece_parts in parts for name, shape, dt, *_ in piece_parts]
     side = layout.hf_files_dir(checkpoint)
     bar = layout.ByteBar(sum(sizes.values()), f"exporting ({fmt})", progress)
     written = {"bytes": 0, "tensors": 0}
@@ -238,17 +293,17 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
         writes: list[list[concurrent.futures.Future]] = [[], []]  # per slab: its tensors being written
         try:
           slabs = layout.Slabs(SLAB_BYTES)
-          batches = _batches(leaves, sizes, RESTORE_BYTES)
-          restore = lambda batch: _restore(manager, step, {leaf.path: flat[leaf.path] for leaf in batch})
-          pending = restorer.submit(restore, batches[0])
+          part_of = {id(piece): piece_parts for piece, piece_parts in zip(pieces, parts)}
+          batches = _batches(pieces, RESTORE_BYTES)
+          pending = restorer.submit(_restore_batch, manager, step, stored, flat, batches[0])
           for i, batch in enumerate(batches):
             values = pending.result()
             if i + 1 < len(batches):
-              pending = restorer.submit(restore, batches[i + 1])
-            for leaf in batch:
-              bar.leaf(leaf.path)
-              for name, shape, dt, view_of, copy in parts[leaf.path]:
-                src = view_of(values[leaf.path])
+              pending = restorer.submit(_restore_batch, manager, step, stored, flat, batches[i + 1])
+            for piece, value in zip(batch, values):
+              bar.leaf(piece.leaf.path)
+              for name, shape, dt, view_of, copy in part_of[id(piece)]:
+                src = view_of(value)
                 n = layout.Slabs.span(math.prod(shape) * dt.itemsize)
                 if not slabs.fits(n):  # the other slab's writes must be done before it is reused
                   for f in writes[1 - slabs.current]:
@@ -260,8 +315,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
                 writes[slabs.current].append(writer.submit(_write_when_copied, shards, name, buf, copied))
                 written["bytes"] += buf.nbytes
                 written["tensors"] += 1
-              bar.update(sizes[leaf.path])
-            del values
+              bar.update(piece.nbytes)
+            del values, value, src  # the copies now hold the only references
           for f in writes[0] + writes[1]:
             f.result()
           shards.close()
