@@ -640,6 +640,9 @@ def test_dry_run_of_the_1t_model_from_config_json_alone(tmp_path):
   assert plan["largest_leaf"][0].startswith("moe_layers/moe/experts/")
   ex = plan_export(str(cfg), str(tmp_path / "hf"), measure=False)
   assert ex["bytes_out"]["I32"] == experts // 2 and ex["bytes_out"]["I64"] == 60 * 384 * 3 * 16
+  # A stacked leaf is restored a layer (here) at a time, never whole: ~12 GB, not 2 x the 190 GB stack.
+  layer = ex["largest_leaf"][1] // 60
+  assert ex["largest_leaf"][1] > 150e9 and 3 * layer < ex["peak_host_bytes"] < 3 * layer + 4 * 2**30
 
 
 def _cli(tool, *args):

@@ -158,11 +158,14 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
   if os.path.isfile(source):
     c = K2Config.from_hf(source)
     stored = "int4" if c.expert_quant == "int4" else "dense"
+    by_layers = True  # stored as k2-convert would store it
   else:
     from k2jax.convert.orbax_to_hf import open_checkpoint  # noqa: PLC0415
     manager, _, meta, c = open_checkpoint(source)
     manager.close()
     stored = meta.get("expert_format", "dense")
+    # A k2-train checkpoint is compressed: its leaves are restored whole (`orbax_to_hf._pieces`).
+    by_layers = meta.get("format") == "k2jax"
   from k2jax.convert.orbax_to_hf import RESTORE_BYTES, SLAB_BYTES  # noqa: PLC0415
   specs_out = hf_tensor_specs(c, "int4" if fmt == "k2_thinking" else "bf16")
   out_bytes = _by_dtype(specs_out)
@@ -172,14 +175,23 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
   largest_leaf = max(leaf_sizes.items(), key=lambda kv: kv[1])
   shards = max(1, math.ceil(total_out / max_shard_bytes))
   largest_tensor = max(DTYPES[dt].itemsize * math.prod(shape) for _, shape, dt in specs_out)
+  layers = {name.rsplit("/", 1)[0] if name.endswith(("/packed", "/scales")) else name: shape[0]
+            for name, shape, _ in specs_in if name.startswith(("dense_layers/", "moe_layers/"))}
+
+  def restored(leaf: str, size: int) -> int:  # bytes of a leaf's largest restore
+    if not by_layers or leaf not in layers or size <= RESTORE_BYTES:
+      return size
+    per_layer = size // layers[leaf]
+    return max(1, RESTORE_BYTES // per_layer) * per_layer
   plan = {
       "kind": "export", "source": os.path.abspath(source), "config": c.name, "format": fmt,
       "stored_experts": stored, "tensors_out": len(specs_out), "bytes_out": out_bytes,
       "largest_leaf": list(largest_leaf),
-      # The restore being transposed and the next one (each of a leaf, or leaves up to RESTORE_BYTES),
-      # plus the two slabs of tensors on their way to disk (a tensor larger than a slab on its own).
-      "peak_host_bytes": (2 * max(largest_leaf[1], RESTORE_BYTES) + 2 * SLAB_BYTES
-                          + (largest_tensor if largest_tensor > SLAB_BYTES else 0)),
+      # The restore being transposed and the next one, which Orbax reads into a buffer and then copies
+      # (twice its size while it runs): a leaf, leaves up to RESTORE_BYTES or a run of a stacked leaf's
+      # layers; plus the two slabs of tensors on their way to disk (a tensor larger than a slab alone).
+      "peak_host_bytes": (3 * max(max(restored(k, v) for k, v in leaf_sizes.items()), RESTORE_BYTES)
+                          + 2 * SLAB_BYTES + (largest_tensor if largest_tensor > SLAB_BYTES else 0)),
       "layout": [f"{output_dir or 'OUT'}/model-000NN-of-{shards:05d}.safetensors  ({shards} shards of at most "
                  f"{max_shard_bytes / 2**30:.1f} GiB)", f"{output_dir or 'OUT'}/model.safetensors.index.json",
                  f"{output_dir or 'OUT'}/config.json" + (" (with quantization_config)" if fmt == "k2_thinking" else ""),
