@@ -367,41 +367,78 @@ def test_export_streams_into_planned_shards_the_reference_reader_loads(k2t, conv
 
 def test_export_reads_large_stacked_leaves_a_run_of_layers_at_a_time(k2t, converted, tmp_path, monkeypatch):
   """A stacked leaf over the restore size never comes through Orbax whole: its stored bytes are read a
-  few layers at a time, and the export is still the source bit for bit."""
+  few layers at a time (from one chunk, or from every shard's chunk of a conversion under a mesh), and
+  the export is still the source bit for bit."""
+  import dataclasses
+  from k2jax import sharding
   from k2jax.convert import stored as stored_lib
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
   limit = 3_000
   monkeypatch.setattr(orbax_to_hf, "RESTORE_BYTES", limit)
-  whole, rows = [], []
-  real_restore, real_rows = orbax_to_hf._restore, stored_lib.StoredArrays.rows
-  monkeypatch.setattr(orbax_to_hf, "_restore", lambda m, s, likes: whole.extend(likes) or real_restore(m, s, likes))
-  monkeypatch.setattr(stored_lib.StoredArrays, "rows",
-                      lambda self, raw, a, b: rows.append((raw.key, a, b)) or real_rows(self, raw, a, b))
-  back = str(tmp_path / "back")
-  export(converted, back, progress=False)
-  _assert_same_tensors(k2t, back)
   like = checkpointing.abstract_params_of(checkpointing.read_meta(converted), C)
   is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
-  big = {p for p, x in orbax_to_hf._flat(like, is_qw) if p.startswith(("dense_layers", "moe_layers"))
-         and layout.nbytes(x) > limit}
-  assert len(big) > 10 and not big & set(whole)
-  for path in big:  # every layer read, in order, as runs that cover the stack once
-    leaf = dict(orbax_to_hf._flat(like, is_qw))[path]
-    arrays = ["packed", "scales"] if is_qw(leaf) else [None]
-    for a in arrays:
-      key = path.replace("/", ".") + (f".{a}" if a else "") + "/c/"
-      runs = [(r0, r1) for k, r0, r1 in rows if k.startswith(key)]
-      n = (leaf.packed if a else leaf).shape[0]
-      assert [r for run in runs for r in range(*run)] == list(range(n)), (key, runs)
+  flat = dict(orbax_to_hf._flat(like, is_qw))
+  big = {p for p, x in flat.items() if p.startswith(("dense_layers", "moe_layers")) and layout.nbytes(x) > limit}
+  assert len(big) > 10
+  meshed = str(tmp_path / "meshed")
+  convert(k2t, meshed, mesh=sharding.make_mesh("fsdp:2,expert:4"), progress=False)
+  real_restore, real_rows = orbax_to_hf._restore, stored_lib.StoredArrays.rows
+  for source, chunks in ((converted, 1), (meshed, 8)):
+    whole, rows = [], []
+    monkeypatch.setattr(orbax_to_hf, "_restore", lambda m, s, likes: whole.extend(likes) or real_restore(m, s, likes))
+    monkeypatch.setattr(stored_lib.StoredArrays, "rows",
+                        lambda self, raw, a, b: rows.append((raw, a, b)) or real_rows(self, raw, a, b))
+    back = str(tmp_path / f"back{chunks}")
+    export(source, back, progress=False)
+    _assert_same_tensors(k2t, back)
+    assert not big & set(whole)
+    assert max(len(raw.offsets) for raw, _, _ in rows) == chunks
+    for path in big:  # every layer read, in order, as runs that cover the stack once
+      leaf = flat[path]
+      for a in (["packed", "scales"] if is_qw(leaf) else [None]):
+        name = path.replace("/", ".") + (f".{a}" if a else "")
+        runs = [(r0, r1) for raw, r0, r1 in rows if raw.name == name]
+        assert [r for run in runs for r in range(*run)] == list(range(jax.tree.leaves(leaf)[0].shape[0])), name
   # A layout it does not know is Orbax's to read; a value shorter than its metadata is named.
   stored = stored_lib.StoredArrays(os.path.join(converted, "checkpoints", "0", "params"))
   name = "moe_layers.moe.experts.down_efd.packed"
-  raw = stored.raw(name, like["moe_layers"]["moe"]["experts"]["down_efd"].packed.shape, np.int32)
-  assert raw is not None and raw.offset == 0
+  raw = stored.raw(name, flat["moe_layers/moe/experts/down_efd"].packed.shape, np.int32)
+  assert raw is not None and raw.offsets == {(0,) * 5: 0}
   assert stored.raw(name, raw.shape, np.float32) is None and stored.raw(name, raw.shape[1:], np.int32) is None
   assert stored.raw("no.such.array", raw.shape, np.int32) is None
-  short = stored_lib.RawArray(raw.key, raw.offset + raw.row_bytes, raw.shape, raw.dtype)
-  with pytest.raises(stored_lib.StoredArrayError, match=f"{raw.key}: rows 0:{raw.shape[0]} should be"):
+  short = dataclasses.replace(raw, offsets={g: o + raw.chunk_row_bytes for g, o in raw.offsets.items()})
+  with pytest.raises(stored_lib.StoredArrayError, match=f"{raw.key((0,) * 5)}: rows 0:{raw.shape[0]} should be"):
     stored.rows(short, 0, raw.shape[0])
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_stored_rows_of_chunks_with_padded_edges_equal_tensorstore_reads(tmp_path, sharded):
+  """Rows read by byte range across a grid of chunks (edge chunks padded, written by tensorstore itself)
+  equal what tensorstore reads; a compressed array is not read this way."""
+  import tensorstore as ts
+  from k2jax.convert import stored as stored_lib
+  item = tmp_path / "item"
+  item.mkdir()
+  (item / "_METADATA").write_text(json.dumps({"use_ocdbt": True, "use_zarr3": True}))
+  x = np.random.default_rng(0).normal(size=(7, 5, 11)).astype(ml_dtypes.bfloat16)
+  chunk = [3, 2, 4]
+  inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  codecs = ([{"name": "sharding_indexed", "configuration": {"chunk_shape": chunk, "codecs": inner,
+                                                           "index_codecs": inner + [{"name": "crc32c"}]}}]
+            if sharded else inner)
+  kv = {"driver": "ocdbt", "base": f"file://{item}"}
+  for name, cs in (("a.b", codecs), ("zipped", inner + [{"name": "zstd", "configuration": {"level": 1}}])):
+    t = ts.open({"driver": "zarr3", "kvstore": dict(kv, path=name), "metadata": {
+        "shape": list(x.shape), "data_type": "bfloat16", "chunk_grid": {"name": "regular", "configuration": {
+            "chunk_shape": chunk}}, "codecs": cs}}, create=True).result()
+    t.write(x).result()
+  stored = stored_lib.StoredArrays(str(item))
+  raw = stored.raw("a.b", x.shape, x.dtype)
+  assert raw is not None and len(raw.offsets) == 3 * 3 * 3
+  for a, b in ((0, 7), (2, 5), (6, 7), (3, 4)):
+    np.testing.assert_array_equal(stored.rows(raw, a, b).view(np.uint16), x[a:b].view(np.uint16))
+  assert stored.raw("zipped", x.shape, x.dtype) is None
 
 
 def test_converted_checkpoint_keeps_int4_and_loads_like_the_hf_folder(k2t, converted):
