@@ -111,8 +111,8 @@ def _pieces(leaves: list[hf.Leaf], flat: dict[str, Any], sizes: dict[str, int], 
       continue
     n = leaf.spec.shape[0]
     step = max(1, batch_bytes // (size // n))
-    out += [_Piece(leaf, size * (min(n, l0 + step) - l0) // n, range(l0, min(n, l0 + step)), tuple(raws))
-            for l0 in range(0, n, step)]
+    out += [_Piece(leaf, size * min(n, l0 + step) // n - size * l0 // n, range(l0, min(n, l0 + step)), tuple(raws))
+            for l0 in range(0, n, step)]  # the pieces' bytes add up to the leaf's (the progress bar)
   return out
 
 
