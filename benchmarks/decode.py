@@ -19,6 +19,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from hf_reference import installed_kernels_package  # noqa: E402
+
+installed_kernels_package()  # before transformers is imported
 
 TINY_HF = dict(vocab_size=2256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,

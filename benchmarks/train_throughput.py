@@ -8,6 +8,8 @@ backward, optimizer). k2jax adds QK-Clip and the router-bias update; HF's MoE ru
 By default each side runs in its own process (see `_run_apart`).
 """
 
+import os
+import sys
 import time
 
 import jax
@@ -17,6 +19,11 @@ from absl import app, flags
 from k2jax import params as params_lib, presets
 from k2jax.configs import train_tiny
 from k2jax.train import data, train_step as ts
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from hf_reference import installed_kernels_package  # noqa: E402
+
+installed_kernels_package()  # before transformers is imported
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "model preset")
 _BATCH = flags.DEFINE_integer("batch", 8, "sequences per step")

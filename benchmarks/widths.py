@@ -26,6 +26,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from hf_reference import installed_kernels_package  # noqa: E402
+
+installed_kernels_package()  # before transformers is imported
 
 PROMPT, NEW, BATCHES = 128, 64, (1, 8)
 TRAIN_BATCH, TRAIN_SEQ = 8, 128

@@ -22,18 +22,7 @@ os.environ["XLA_FLAGS"] = " ".join([_given] * bool(_given) + [
     f for f in xla_flags().split() if f.split("=")[0] not in _given])
 
 
-def _drop_checkout_root() -> None:
-  """The top-level folders kernels/, train/, infer/ and configs/ are installed inside k2jax's namespace
-  (pyproject.toml); from the checkout's root, which `python -m pytest` puts first on sys.path, they would
-  shadow PyPI packages of the same names: transformers (the tests' reference) imports the `kernels`
-  package of its kernel hub when that is installed, and got this checkout's folder."""
-  import sys  # noqa: PLC0415
-  root = Path(__file__).resolve().parents[1]
-  sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-  for name in ("kernels", "train", "infer", "configs"):
-    module = sys.modules.get(name)
-    if module is not None and Path(getattr(module, "__file__", None) or "/").resolve().is_relative_to(root):
-      del sys.modules[name]
+# Before any test imports transformers (see `hf_reference.installed_kernels_package`).
+from hf_reference import installed_kernels_package  # noqa: E402
 
-
-_drop_checkout_root()
+installed_kernels_package()

@@ -3,6 +3,28 @@ from __future__ import annotations
 
 import numpy as np
 
+def installed_kernels_package() -> None:
+  """Imports the installed PyPI package `kernels` (transformers >= 5 imports it, for its kernel hub, when it
+  is installed) ahead of this checkout's kernels/ folder. That folder is installed as `k2jax.kernels`, but
+  from the checkout's root, which `python -m` puts first on sys.path, it would be found under the bare
+  name too, and transformers' import of it would fail. Nothing in k2jax imports the bare name."""
+  import importlib.util  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  from pathlib import Path  # noqa: PLC0415
+  root = Path(__file__).resolve().parents[1]
+  ours = lambda m: Path(getattr(m, "__file__", None) or "/").resolve().is_relative_to(root)
+  if "kernels" in sys.modules and not ours(sys.modules["kernels"]):
+    return
+  sys.modules.pop("kernels", None)
+  saved = sys.path[:]
+  sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+  try:
+    if importlib.util.find_spec("kernels") is not None:
+      importlib.import_module("kernels")
+  finally:
+    sys.path[:] = saved
+
+
 BASE = dict(
     vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
