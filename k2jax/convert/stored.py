@@ -30,7 +30,7 @@ class StoredArrayError(ValueError):
   """A stored array's bytes are not where its metadata says."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (it holds a dict)
 class RawArray:
   """Where an array's chunks lie: each chunk's C-order bytes (a full `chunk_shape`, edge chunks padded)
   at `offsets[grid index]` in the value of `key(grid index)`."""
