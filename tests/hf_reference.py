@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def installed_kernels_package() -> None:
   """Imports the installed PyPI package `kernels` (transformers >= 5 imports it, for its kernel hub, when it
   is installed) ahead of this checkout's kernels/ folder. That folder is installed as `k2jax.kernels`, but

@@ -83,7 +83,12 @@ def read_leaves(checkpoint: str):
     manager.close()
 
 
-@dataclasses.dataclass(frozen=True)
+def layers_per_restore(leaf_bytes: int, n_layers: int, batch_bytes: int) -> int:
+  """Layers of a stacked leaf read together: up to `batch_bytes`, one at least."""
+  return max(1, batch_bytes // (leaf_bytes // n_layers))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # keyed by identity (the export's parts of each piece)
 class _Piece:
   """What one restore brings in for a leaf: all of it (through Orbax), or a run of its layers read by
   byte range from its stored arrays (`raws`: packed and scales of an INT4 leaf, else one)."""
@@ -110,7 +115,7 @@ def _pieces(leaves: list[hf.Leaf], flat: dict[str, Any], sizes: dict[str, int], 
       out.append(_Piece(leaf, size))
       continue
     n = leaf.spec.shape[0]
-    step = max(1, batch_bytes // (size // n))
+    step = layers_per_restore(size, n, batch_bytes)
     out += [_Piece(leaf, size * min(n, l0 + step) // n - size * l0 // n, range(l0, min(n, l0 + step)), tuple(raws))
             for l0 in range(0, n, step)]  # the pieces' bytes add up to the leaf's (the progress bar)
   return out
@@ -136,7 +141,7 @@ def _restore_batch(manager, step: int, stored: stored_lib.StoredArrays, flat: di
   first = batch[0]
   if first.layers is not None:
     parts = [stored.rows(raw, first.layers.start, first.layers.stop) for raw in first.raws]
-    return [int4.QuantizedWeight(*parts) if len(parts) == 2 else parts[0]]
+    return [int4.QuantizedWeight(*parts) if isinstance(flat[first.leaf.path], int4.QuantizedWeight) else parts[0]]
   values = _restore(manager, step, {piece.leaf.path: flat[piece.leaf.path] for piece in batch})
   return [values[piece.leaf.path] for piece in batch]
 
@@ -274,8 +279,8 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
       quantize = _quantizer(QAT_MODE)
     stored = stored_lib.StoredArrays(str(manager.directory / str(step) / "params"))
     pieces = _pieces(leaves, flat, sizes, stored, RESTORE_BYTES)
-    parts = [_leaf_parts(p.leaf, flat[p.leaf.path], fmt, quantize, p.layers) for p in pieces]
-    specs = [(name, shape, _NAMES[dt]) for piece_parts in parts for name, shape, dt, *_ in piece_parts]
+    parts = {p: _leaf_parts(p.leaf, flat[p.leaf.path], fmt, quantize, p.layers) for p in pieces}
+    specs = [(name, shape, _NAMES[dt]) for p in pieces for name, shape, dt, *_ in parts[p]]
     side = layout.hf_files_dir(checkpoint)
     bar = layout.ByteBar(sum(sizes.values()), f"exporting ({fmt})", progress)
     written = {"bytes": 0, "tensors": 0}
@@ -293,7 +298,6 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
         writes: list[list[concurrent.futures.Future]] = [[], []]  # per slab: its tensors being written
         try:
           slabs = layout.Slabs(SLAB_BYTES)
-          part_of = {id(piece): piece_parts for piece, piece_parts in zip(pieces, parts)}
           batches = _batches(pieces, RESTORE_BYTES)
           pending = restorer.submit(_restore_batch, manager, step, stored, flat, batches[0])
           for i, batch in enumerate(batches):
@@ -302,7 +306,7 @@ def export(checkpoint: str, output_dir: str, *, fmt: str = "k2_thinking", max_sh
               pending = restorer.submit(_restore_batch, manager, step, stored, flat, batches[i + 1])
             for piece, value in zip(batch, values):
               bar.leaf(piece.leaf.path)
-              for name, shape, dt, view_of, copy in part_of[id(piece)]:
+              for name, shape, dt, view_of, copy in parts[piece]:
                 src = view_of(value)
                 n = layout.Slabs.span(math.prod(shape) * dt.itemsize)
                 if not slabs.fits(n):  # the other slab's writes must be done before it is reused

@@ -95,12 +95,16 @@ def _converted_specs(c: K2Config, dtype: str, int4_experts: bool) -> list[tuple[
           for p, x in jax.tree_util.tree_flatten_with_path(like)[0]]
 
 
+def _leaf_of(name: str) -> str:
+  """The parameter leaf of a converted-layout array (an INT4 leaf's packed and scales are one leaf)."""
+  return name.rsplit("/", 1)[0] if name.endswith(("/packed", "/scales")) else name
+
+
 def _leaf_sizes(specs) -> dict[str, int]:
   """Bytes per parameter leaf (INT4 packed + scales summed) of converted-layout specs."""
   out: dict[str, int] = collections.Counter()
   for name, shape, dt in specs:
-    out[name.rsplit("/", 1)[0] if name.endswith(("/packed", "/scales")) else name] += (
-        DTYPES[dt].itemsize * math.prod(shape))
+    out[_leaf_of(name)] += DTYPES[dt].itemsize * math.prod(shape)
   return dict(out)
 
 
@@ -166,7 +170,7 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
     stored = meta.get("expert_format", "dense")
     # A k2-train checkpoint is compressed: its leaves are restored whole (`orbax_to_hf._pieces`).
     by_layers = meta.get("format") == "k2jax"
-  from k2jax.convert.orbax_to_hf import RESTORE_BYTES, SLAB_BYTES  # noqa: PLC0415
+  from k2jax.convert.orbax_to_hf import RESTORE_BYTES, SLAB_BYTES, layers_per_restore  # noqa: PLC0415
   specs_out = hf_tensor_specs(c, "int4" if fmt == "k2_thinking" else "bf16")
   out_bytes = _by_dtype(specs_out)
   total_out = sum(out_bytes.values())
@@ -175,14 +179,13 @@ def plan_export(source: str, output_dir: str | None = None, fmt: str = "k2_think
   largest_leaf = max(leaf_sizes.items(), key=lambda kv: kv[1])
   shards = max(1, math.ceil(total_out / max_shard_bytes))
   largest_tensor = max(DTYPES[dt].itemsize * math.prod(shape) for _, shape, dt in specs_out)
-  layers = {name.rsplit("/", 1)[0] if name.endswith(("/packed", "/scales")) else name: shape[0]
-            for name, shape, _ in specs_in if name.startswith(("dense_layers/", "moe_layers/"))}
+  layers = {_leaf_of(name): shape[0] for name, shape, _ in specs_in
+            if name.startswith(("dense_layers/", "moe_layers/"))}
 
-  def restored(leaf: str, size: int) -> int:  # bytes of a leaf's largest restore
+  def restored(leaf: str, size: int) -> int:  # bytes of a leaf's largest restore (`orbax_to_hf._pieces`)
     if not by_layers or leaf not in layers or size <= RESTORE_BYTES:
       return size
-    per_layer = size // layers[leaf]
-    return max(1, RESTORE_BYTES // per_layer) * per_layer
+    return layers_per_restore(size, layers[leaf], RESTORE_BYTES) * (size // layers[leaf])
   plan = {
       "kind": "export", "source": os.path.abspath(source), "config": c.name, "format": fmt,
       "stored_experts": stored, "tensors_out": len(specs_out), "bytes_out": out_bytes,

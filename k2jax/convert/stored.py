@@ -137,17 +137,16 @@ class StoredArrays:
       if lo < hi:
         a, b = lo - g[0] * c0, hi - g[0] * c0
         reads.append((g, lo, hi, self._read_async(raw.key(g), offset + a * row, offset + b * row)))
-    out = None
+    whole = raw.chunk_shape == raw.shape  # one chunk: its rows are the answer, no copy
+    out = None if whole else np.empty((stop - start,) + raw.shape[1:], raw.dtype)
     for g, lo, hi, future in reads:
       data, want = self._value(future), (hi - lo) * row
       if data is None or len(data) != want:
         raise StoredArrayError(f"{raw.key(g)}: rows {lo}:{hi} should be {want} bytes, read "
                                f"{'none' if data is None else len(data)}")
       block = np.frombuffer(data, raw.dtype).reshape((hi - lo,) + raw.chunk_shape[1:])
-      if len(raw.offsets) == 1 and raw.chunk_shape == raw.shape:
+      if whole:
         return block
-      if out is None:
-        out = np.empty((stop - start,) + raw.shape[1:], raw.dtype)
       at = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(g[1:], raw.chunk_shape[1:], raw.shape[1:]))
       out[(slice(lo - start, hi - start),) + at] = block[(slice(None),) + tuple(slice(0, s.stop - s.start) for s in at)]
     return out
