@@ -28,23 +28,34 @@ def mesh_and_model(hf_dir: str | None, checkpoint: str | None, dtype: str):
   mesh = sharding.mesh_from_flags()
   moe_impl = sharding.moe_impl_from_flags(mesh)
   try:
-    params, config = load_model(hf_dir, checkpoint, dtype)
+    params, config = load_model(hf_dir, checkpoint, dtype, mesh)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   return mesh, moe_impl, params, config
 
 
-def load_model(hf_dir: str | None, checkpoint: str | None, dtype: str):
-  """(params, config) from an HF folder or a k2-train workdir/checkpoint."""
+def load_model(hf_dir: str | None, checkpoint: str | None, dtype: str, mesh=None):
+  """(params, config) from an HF folder or a k2-train workdir/checkpoint. With `mesh`, each leaf is read
+  straight into the shards the engine places it in (`sharding.place_for_inference`): no process reads,
+  and no device holds, more than its part of the model."""
+  from k2jax import sharding  # noqa: PLC0415
   dt = params_lib.dtype_from_name(dtype)
   if bool(hf_dir) == bool(checkpoint):
     raise ValueError("give exactly one of --hf_dir and --checkpoint")
+  rules = sharding.inference_rules(mesh) if mesh is not None else None
   if hf_dir:
     import k2jax  # noqa: PLC0415
-    m = k2jax.from_hf(hf_dir, dtype=dt)
+    shardings = None
+    if mesh is not None:
+      from k2jax.config import K2Config  # noqa: PLC0415
+      c = K2Config.from_hf(hf_dir)
+      sharding.check_mesh_fits_model(mesh, c)
+      like = params_lib.abstract_params(c, dt, int4_experts=c.expert_quant == "int4")
+      shardings = sharding.param_shardings(c, mesh, rules, params=like)
+    m = k2jax.from_hf(hf_dir, dtype=dt, shardings=shardings)
     return m.param_tree(), m.config
   from k2jax.train import checkpointing  # noqa: PLC0415
-  return checkpointing.load_params_for_inference(checkpoint, dt)
+  return checkpointing.load_params_for_inference(checkpoint, dt, mesh=mesh, rules=rules)
 
 
 def load_tokenizer(hf_dir: str | None, config, checkpoint: str | None = None):

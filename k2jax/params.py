@@ -139,9 +139,11 @@ def init_params(c: K2Config, key: jax.Array, dtype=jnp.float32) -> Tree:
   return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
 
 
-def abstract_params(c: K2Config, dtype=jnp.bfloat16) -> Tree:
-  """ShapeDtypeStructs of every parameter, without allocating: works for the 1T config on a laptop."""
-  return jax.eval_shape(lambda: init_params(c, jax.random.key(0), dtype))
+def abstract_params(c: K2Config, dtype=jnp.bfloat16, *, int4_experts: bool = False) -> Tree:
+  """ShapeDtypeStructs of every parameter, without allocating: works for the 1T config on a laptop.
+  `int4_experts`: routed experts as INT4 `QuantizedWeight`s, as a K2 Thinking checkpoint holds them."""
+  like = jax.eval_shape(lambda: init_params(c, jax.random.key(0), dtype))
+  return jax.eval_shape(quantize_experts, like) if int4_experts else like
 
 
 def cast(tree: Tree, dtype) -> Tree:

@@ -100,10 +100,8 @@ def uneven_note(c: K2Config, mesh, rules, tree) -> list[str]:
 
 def serving_params(c: K2Config, int4: bool | None = None) -> dict:
   """Abstract serving parameters: bf16, routed experts as abstract INT4 `QuantizedWeight`s if `int4`."""
-  tree = params_lib.abstract_params(c, jnp.bfloat16)
-  if (c.expert_quant == "int4") if int4 is None else int4:
-    tree = jax.eval_shape(params_lib.quantize_experts, tree)
-  return tree
+  return params_lib.abstract_params(c, jnp.bfloat16,
+                                   int4_experts=(c.expert_quant == "int4") if int4 is None else int4)
 
 
 def _optimizer_copies(tree) -> dict[str, int]:

@@ -490,6 +490,54 @@ def test_sharded_conversion_writes_the_same_checkpoint(k2t, converted, tmp_path)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "hf_dir"])
+def test_a_model_loads_straight_into_the_engines_shards(k2t, converted, source):
+  """Under a mesh, `--checkpoint` and `--hf_dir` read every leaf into the shards the engine runs it in: the
+  values of the one-device load, no leaf whole on a device where its spec splits it, and placing it for the
+  engine moves nothing."""
+  from k2jax import sharding
+  from k2jax.infer import cli_common
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
+  mesh = sharding.make_mesh("fsdp:2,expert:4")
+  where = {"hf_dir": k2t, "checkpoint": None} if source == "hf_dir" else {"hf_dir": None, "checkpoint": converted}
+  got, c = cli_common.load_model(where["hf_dir"], where["checkpoint"], "bfloat16", mesh)
+  want, _ = cli_common.load_model(where["hf_dir"], where["checkpoint"], "bfloat16")
+  is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
+  assert all(is_qw(w) for w in got["moe_layers"]["moe"]["experts"].values())
+  wanted = sharding.param_shardings(c, mesh, sharding.inference_rules(mesh), params=got)
+  placed = sharding.place_for_inference(got, c, mesh)
+  split = 0
+  for (path, x), y, s, z in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                                jax.tree.leaves(wanted), jax.tree.leaves(placed), strict=True):
+    assert x.sharding == s, path
+    assert z is x, path  # already where the engine wants it
+    shard = x.addressable_shards[0].data
+    if s.shard_shape(x.shape) != x.shape:
+      split += 1
+      assert shard.shape == s.shard_shape(x.shape) and shard.size < x.size, path
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+  assert split >= 6  # the routed experts' words and scales at least
+
+
+def test_k2_train_init_from_a_converted_checkpoint_under_a_mesh(converted):
+  from k2jax import sharding
+  from k2jax.configs import train_tiny
+  from k2jax.train import trainer
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
+  cfg = train_tiny.get_config()
+  cfg.init_from = converted
+  c = presets.from_config_dict(cfg.model)
+  mesh = sharding.make_mesh("fsdp:2,expert:4")
+  got = trainer._init_params(cfg, c, mesh)
+  want = trainer._init_params(cfg, c, None)
+  for (path, x), y, s in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                             jax.tree.leaves(sharding.param_shardings(c, mesh)), strict=True):
+    assert x.sharding == s, path
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
 def test_dense_training_checkpoint_exports_with_the_qat_quantiser(tmp_path):
   """A training run's dense experts export INT4 with the quantiser serving and QAT use."""
   c = C.replace(expert_quant=None)
@@ -727,14 +775,15 @@ def test_k2_thinking_converts_and_generates_like_transformers(tmp_path):
     want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                         pad_token_id=0)[0, len(prompt):].tolist()
   code = "import sys; from k2jax.infer.generate import run; sys.argv[0] = 'k2-generate'; run()"
-  res = subprocess.run([sys.executable, "-c", code, f"--checkpoint={out}", "--prompt_ids=" + ",".join(map(str, prompt)),
-                        "--max_new_tokens=8", "--temperature=0", "--output=ids"], capture_output=True, text=True,
-                       timeout=300)
-  assert res.returncode == 0, res.stderr[-2000:]
-  got = [int(t) for t in res.stdout.strip().splitlines()[-1].split(",")]
   eos = K2Config.from_hf(src).eos_token_id
   n = want.index(eos) + 1 if eos in want else len(want)
-  assert got == want[:n]
+  for mesh in ([], ["--mesh=expert:2,fsdp:2"]):  # one device; the experts read into two devices' shards
+    res = subprocess.run([sys.executable, "-c", code, f"--checkpoint={out}", "--prompt_ids=" + ",".join(map(str, prompt)),
+                          "--max_new_tokens=8", "--temperature=0", "--output=ids", *mesh], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = [int(t) for t in res.stdout.strip().splitlines()[-1].split(",")]
+    assert got == want[:n], mesh
   dense = str(tmp_path / "bf16")
   export(out, dense, fmt="bf16", progress=False)
   from transformers import DeepseekV3ForCausalLM

@@ -215,32 +215,45 @@ def _locate(path: str | Path) -> tuple[Path, int]:
   return root, steps[-1]
 
 
-def abstract_params_of(meta: dict[str, Any], c: K2Config, sharding=None) -> Any:
+def abstract_params_of(meta: dict[str, Any], c: K2Config, sharding=None, *, mesh=None, rules=None) -> Any:
   """ShapeDtypeStructs of a checkpoint's params as stored: its param dtype, and INT4 experts (converted
-  checkpoints, `expert_format: int4`) as QuantizedWeight(packed int32, scales as the source stored them)."""
-  like = params_lib.abstract_params(c, jnp.dtype(meta.get("param_dtype", "float32")))
-  if meta.get("expert_format") == "int4":
+  checkpoints, `expert_format: int4`) as QuantizedWeight(packed int32, scales as the source stored them).
+  Each carries `sharding`, or with `mesh` its own (`sharding.param_shardings` under `rules`)."""
+  int4_experts = meta.get("expert_format") == "int4"
+  like = params_lib.abstract_params(c, jnp.dtype(meta.get("param_dtype", "float32")), int4_experts=int4_experts)
+  if int4_experts:
     from k2jax.int4 import QuantizedWeight  # noqa: PLC0415
     from k2jax.safetensors_io import DTYPES  # noqa: PLC0415
     scale_dtype = DTYPES[meta.get("int4_scale_dtype") or "BF16"]
-    like = jax.eval_shape(params_lib.quantize_experts, like)
     moe = like["moe_layers"]["moe"]
     moe["experts"] = {k: QuantizedWeight(w.packed, jax.ShapeDtypeStruct(w.scales.shape, scale_dtype))
                       for k, w in moe["experts"].items()}
+  if mesh is not None:
+    from k2jax import sharding as sharding_lib  # noqa: PLC0415
+    tree = sharding_lib.param_shardings(c, mesh, rules, params=like)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), like, tree)
   sharding = sharding or _single_device()
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), like)
 
 
-def load_params_for_inference(path: str | Path, dtype=jnp.bfloat16,
-                              dequantize_experts: bool = False) -> tuple[dict, K2Config]:
+def load_params_for_inference(path: str | Path, dtype=jnp.bfloat16, dequantize_experts: bool = False, *,
+                              mesh=None, rules=None) -> tuple[dict, K2Config]:
   """(params in `dtype`, K2Config) from a k2-train workdir (latest step), a step folder, or a converted
-  checkpoint (`k2-convert`). INT4 experts stay INT4 unless `dequantize_experts` (to `dtype`, for training)."""
+  checkpoint (`k2-convert`). INT4 experts stay INT4 unless `dequantize_experts` (to `dtype`, for training).
+
+  With `mesh`, every leaf is restored straight into its shards (`sharding.param_shardings` under `rules`):
+  each process reads only the parts its devices hold, and no device holds the whole model (the 1T model
+  cannot be restored onto one device and placed after). Without, everything lands on the first device.
+  """
   root, step = _locate(path)
   manager = ocp.CheckpointManager(root, item_names=("params", "meta"))
   try:
     meta = _restore_meta(manager, step, root / str(step))
     c = config_from_dict(meta["model_config"])
-    like = abstract_params_of(meta, c)
+    if mesh is not None:  # a mesh that cannot hold the model says so before anything is read
+      from k2jax import sharding  # noqa: PLC0415
+      sharding.check_mesh_fits_model(mesh, c)
+    like = abstract_params_of(meta, c, mesh=mesh, rules=rules)
     try:
       params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(like)))["params"]
     except Exception as e:

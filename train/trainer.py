@@ -142,14 +142,17 @@ def _refuse_other_model(init_from: str, saved_c, c) -> None:
 def _init_params(cfg, c, mesh):
   dtype = params_lib.dtype_from_name(cfg.param_dtype)
   init_from = cfg.get("init_from", "")
+  # Under a mesh every leaf is read or made in its shards: no device ever holds the whole model.
   if init_from:
     # A converted K2 Thinking checkpoint has INT4 experts: training starts from their dequantised values.
-    params, saved_c = checkpointing.load_params_for_inference(init_from, dtype, dequantize_experts=True)
+    params, saved_c = checkpointing.load_params_for_inference(init_from, dtype, dequantize_experts=True, mesh=mesh)
     _refuse_other_model(init_from, saved_c, c)
+  elif mesh is not None:
+    params = sharding.init_params_sharded(c, jax.random.key(cfg.seed), dtype, mesh)
   else:
     # One compiled init, not one small eager compile per leaf.
     params = jax.jit(lambda k: params_lib.init_params(c, k, dtype))(jax.random.key(cfg.seed))
-  if mesh is not None:
+  if mesh is not None:  # the dequantised experts' layout, and a no-op for the rest
     return sharding.place_params(params, c, mesh)
   # Committed to one device, like restored arrays, so a resumed run hits the same compiled step.
   return jax.device_put(params, jax.devices()[0])

@@ -41,9 +41,7 @@ def _frozen_gc():
 def _shardings(c: K2Config, mesh, dtype, int4_experts: bool) -> dict[str, Any]:
   """{leaf path: sharding (a QuantizedWeight of them for INT4 experts)} for `mesh`."""
   from k2jax import int4, sharding  # noqa: PLC0415
-  like = params_lib.abstract_params(c, dtype)
-  if int4_experts:
-    like = jax.eval_shape(params_lib.quantize_experts, like)
+  like = params_lib.abstract_params(c, dtype, int4_experts=int4_experts)
   tree = sharding.param_shardings(c, mesh, params=like)
   is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
   return {params_lib.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qw)[0]}
@@ -124,9 +122,7 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
 
 def leaf_bytes_estimate(c: K2Config, dtype: str, int4_experts: bool) -> dict[str, int]:
   """{leaf path: bytes in the converted checkpoint}, from shapes alone."""
-  like = params_lib.abstract_params(c, params_lib.dtype_from_name(dtype))
-  if int4_experts:
-    like = jax.eval_shape(params_lib.quantize_experts, like)
+  like = params_lib.abstract_params(c, params_lib.dtype_from_name(dtype), int4_experts=int4_experts)
   from k2jax import int4  # noqa: PLC0415
   is_qw = lambda x: isinstance(x, int4.QuantizedWeight)
   return {params_lib.path_str(p): layout.nbytes(x)

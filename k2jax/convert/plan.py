@@ -88,9 +88,7 @@ def _probe_dir(output_dir: str | None) -> str:
 
 
 def _converted_specs(c: K2Config, dtype: str, int4_experts: bool) -> list[tuple[str, tuple[int, ...], str]]:
-  like = params_lib.abstract_params(c, params_lib.dtype_from_name(dtype))
-  if int4_experts:
-    like = jax.eval_shape(params_lib.quantize_experts, like)
+  like = params_lib.abstract_params(c, params_lib.dtype_from_name(dtype), int4_experts=int4_experts)
   return [(params_lib.path_str(p), tuple(x.shape), _NAMES[np.dtype(x.dtype)])
           for p, x in jax.tree_util.tree_flatten_with_path(like)[0]]
 

@@ -262,7 +262,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
   else:
     from k2jax.train.checkpointing import CheckpointError  # noqa: PLC0415
     try:
-      params, config = cli_common.load_model(hf_dir, checkpoint, cfg.dtype)
+      params, config = cli_common.load_model(hf_dir, checkpoint, cfg.dtype, mesh)
       tokenizer = cli_common.load_tokenizer(hf_dir, config, checkpoint)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
       raise SweepError(str(e)) from None
