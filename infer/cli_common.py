@@ -45,14 +45,7 @@ def load_model(hf_dir: str | None, checkpoint: str | None, dtype: str, mesh=None
   rules = sharding.inference_rules(mesh) if mesh is not None else None
   if hf_dir:
     import k2jax  # noqa: PLC0415
-    shardings = None
-    if mesh is not None:
-      from k2jax.config import K2Config  # noqa: PLC0415
-      c = K2Config.from_hf(hf_dir)
-      sharding.check_mesh_fits_model(mesh, c)
-      like = params_lib.abstract_params(c, dt, int4_experts=c.expert_quant == "int4")
-      shardings = sharding.param_shardings(c, mesh, rules, params=like)
-    m = k2jax.from_hf(hf_dir, dtype=dt, shardings=shardings)
+    m = k2jax.from_hf(hf_dir, dtype=dt, mesh=mesh, rules=rules)
     return m.param_tree(), m.config
   from k2jax.train import checkpointing  # noqa: PLC0415
   return checkpointing.load_params_for_inference(checkpoint, dt, mesh=mesh, rules=rules)

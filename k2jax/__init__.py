@@ -21,12 +21,14 @@ __all__ = [
 ]
 
 
-def from_hf(path: str, dtype=jnp.float32, *, shardings=None, strict: bool = True,
+def from_hf(path: str, dtype=jnp.float32, *, shardings=None, mesh=None, rules=None, strict: bool = True,
             dequantize_experts: bool = False, progress: bool | None = None,
             check_finite: bool = True) -> K2Model:
   """Loads an HF checkpoint folder (config.json + safetensors) as a `K2Model`.
 
   INT4 pack-quantized routed experts (K2 Thinking) stay INT4 unless `dequantize_experts`.
+  `shardings` (a tree like the params), or `mesh` (and `rules`) for `sharding.param_shardings`: every
+  leaf is read straight into its shards, each process reading only what its devices hold.
   `progress`: a progress bar over the parameter leaves (default: for checkpoints over 1 GB).
   `check_finite`: NaN / Inf weights are an error naming the file and tensor (skip for speed).
   """
@@ -37,6 +39,14 @@ def from_hf(path: str, dtype=jnp.float32, *, shardings=None, strict: bool = True
     raise CheckpointError(f"{path} is {'a file' if os.path.exists(path) else 'missing'}; give the checkpoint "
                           "folder that holds config.json and the safetensors files")
   config = K2Config.from_hf(path, strict=strict)
+  if mesh is not None:
+    if shardings is not None:
+      raise ValueError("give from_hf shardings or a mesh, not both")
+    from k2jax import sharding  # noqa: PLC0415
+    sharding.check_mesh_fits_model(mesh, config)
+    int4_experts = config.expert_quant == "int4" and not dequantize_experts
+    like = abstract_params(config, dtype, int4_experts=int4_experts)
+    shardings = sharding.param_shardings(config, mesh, rules, params=like)
   show = progress if progress is not None else hf.checkpoint_bytes(path) > 1e9
   bar = hf.progress_bar(config) if show else None
   try:
