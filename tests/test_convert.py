@@ -478,6 +478,26 @@ def test_k2_train_init_from_a_converted_checkpoint(converted):
     trainer._init_params(cfg, presets.from_config_dict(cfg.model), None)
 
 
+def test_k2_rl_init_checkpoint_from_a_converted_checkpoint(converted, tmp_path):
+  """k2-rl starts from a converted K2 Thinking checkpoint: its INT4 experts dequantised (the run's config
+  has dense experts; the quantisation and the name are not architecture), and one RL step runs on them."""
+  from k2jax.train.rl import runner
+  from test_rl import _tiny_cfg
+  cfg = _tiny_cfg(num_steps=1, eval_every=0, init_checkpoint=converted)
+  c = presets.from_config_dict(cfg.model)
+  assert checkpointing.model_config_of(converted).expert_quant == "int4" and c.expert_quant is None
+  p = runner._load_init(cfg, c, converted)
+  want, _ = checkpointing.load_params_for_inference(converted, jnp.float32)
+  w = p["moe_layers"]["moe"]["experts"]["down_efd"]
+  assert not isinstance(w, int4.QuantizedWeight) and w.dtype == jnp.float32
+  np.testing.assert_array_equal(w, want["moe_layers"]["moe"]["experts"]["down_efd"].dequantize(jnp.float32))
+  rows = runner.train_rl(cfg, tmp_path / "rl")
+  step = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in step] == [1] and np.isfinite(step[0]["loss"])
+  params_after, _ = checkpointing.load_params_for_inference(tmp_path / "rl", jnp.float32)
+  assert not isinstance(params_after["moe_layers"]["moe"]["experts"]["down_efd"], int4.QuantizedWeight)
+
+
 def test_sharded_conversion_writes_the_same_checkpoint(k2t, converted, tmp_path):
   from k2jax import sharding
   if len(jax.devices()) < 8:

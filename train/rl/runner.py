@@ -171,13 +171,16 @@ def _tokenizer():
 
 
 def _load_init(cfg, c, path) -> dict:
-  params, saved = checkpointing.load_params_for_inference(path, params_lib.dtype_from_name(cfg.param_dtype))
+  # A converted K2 Thinking checkpoint has INT4 experts: RL starts from their dequantised values (and
+  # trains them with QAT where cfg.qat), as k2-train's init_from does.
+  params, saved = checkpointing.load_params_for_inference(path, params_lib.dtype_from_name(cfg.param_dtype),
+                                                          dequantize_experts=True)
   _refuse_other_model(path, saved, c)
   return jax.device_put(params, jax.devices()[0])
 
 
 def _refuse_other_model(path, saved, c) -> None:
-  diff = checkpointing.config_differences(saved, c)
+  diff = checkpointing.config_differences(saved, c, ignore=checkpointing.NON_ARCHITECTURE_FIELDS)
   if diff:
     lines = ", ".join(f"{k}: checkpoint {v[0]!r} vs run {v[1]!r}" for k, v in sorted(diff.items()))
     raise checkpointing.CheckpointError(f"init checkpoint {path} is of another model config ({lines})")
