@@ -13,6 +13,7 @@ same rollouts (keys and tasks follow from the step) and the same losses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from k2jax import envs, presets
+from k2jax import envs, presets, sharding
 from k2jax import params as params_lib
 from k2jax.envs.base import task_seeds
 from k2jax.infer.engine import Engine
@@ -119,25 +120,38 @@ def write_sft_data(env, path: Path, n: int, seed: int = 0) -> None:
   tmp.replace(path)  # never a half-written file
 
 
-def warm_start(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def warm_start(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> Path:
   """SFT on the environment's warm-start data into WORKDIR/warm_start (reused when finished)."""
   wdir = Path(workdir) / WARM_START_DIR
   if (wdir / checkpointing.CHECKPOINT_DIR / str(cfg.warm_start.num_steps)).is_dir():
     return wdir
   data_path = wdir / "sft.jsonl"
   write_sft_data(make_env(cfg), data_path, cfg.warm_start.examples)
-  trainer.train(warm_start_config(cfg, data_path), wdir)
+  with _learning(mesh):
+    trainer.train(warm_start_config(cfg, data_path), wdir, mesh)
   return wdir
+
+
+def _learning(mesh):
+  """The context the learner (and the warm start) trace under: the mesh's training rules."""
+  return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _sampling(mesh):
+  """The context the engine's rollouts trace under: the rules the engine runs with on this mesh."""
+  return sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ RL
 
 
-def _rollout_params(params: dict, cfg: ml_collections.ConfigDict) -> dict:
+def _rollout_params(params: dict, cfg: ml_collections.ConfigDict, c: K2Config, mesh) -> dict:
   """What the engine samples with: the trainer's params in compute dtype; under QAT with real INT4
-  experts (the same quantiser the loss fake-quantises with)."""
+  experts (the same quantiser the loss fake-quantises with). On a mesh, laid out as the engine runs them
+  (the same shardings as training's on TPU/GPU; on a CPU expert mesh, `sharding.CPU_INFERENCE_RULES`)."""
   p = params_lib.cast(params, params_lib.dtype_from_name(cfg.compute_dtype))
-  return params_lib.quantize_experts(p, ts.QAT_MODE) if cfg.qat else p
+  p = params_lib.quantize_experts(p, ts.QAT_MODE) if cfg.qat else p
+  return sharding.place_for_inference(p, c, mesh) if mesh is not None else p
 
 
 def _spec(cfg) -> ro.RolloutSpec:
@@ -170,12 +184,14 @@ def _tokenizer():
   return tokenizer_build.tiny_tokenizer()
 
 
-def _load_init(cfg, c, path) -> dict:
+def _load_init(cfg, c, path, mesh=None) -> dict:
   # A converted K2 Thinking checkpoint has INT4 experts: RL starts from their dequantised values (and
-  # trains them with QAT where cfg.qat), as k2-train's init_from does.
+  # trains them with QAT where cfg.qat), as k2-train's init_from does. On a mesh, read into its shards.
   params, saved = checkpointing.load_params_for_inference(path, params_lib.dtype_from_name(cfg.param_dtype),
-                                                          dequantize_experts=True)
+                                                          dequantize_experts=True, mesh=mesh)
   _refuse_other_model(path, saved, c)
+  if mesh is not None:  # the dequantised experts' layout, and a no-op for the rest
+    return sharding.place_params(params, c, mesh)
   return jax.device_put(params, jax.devices()[0])
 
 
@@ -203,24 +219,31 @@ _STEP_FIELDS = ("objective", "tau", "clip_eps", "samples_per_prompt", "updates_p
 _CACHE: dict[tuple, tuple] = {}
 
 
-def _compiled(c, cfg, tx, schedule):
-  key = (c, cfg.seq_len, cfg.turn_tokens,
+def _compiled(c, cfg, tx, schedule, mesh=None):
+  # The mesh is in the key: the steps keep the constraints of the mesh they were traced under.
+  key = (c, cfg.seq_len, cfg.turn_tokens, mesh,
          json.dumps({k: cfg.get(k) for k in _STEP_FIELDS}, sort_keys=True, default=str))
   if key not in _CACHE:
     if len(_CACHE) >= 2:
       _CACHE.pop(next(iter(_CACHE)))
     # The cache holds the longest context plus one turn; prefill rounds prompts up to a power of two.
     engine = Engine(None, c, max_len=2 * cfg.seq_len + cfg.turn_tokens, cache_dtype=params_lib.dtype_from_name(
-        cfg.compute_dtype))
+        cfg.compute_dtype), moe_impl=sharding.choose_moe_impl(mesh, cfg.get("moe_impl", "auto")))
     _CACHE[key] = (learner.make_rl_step(c, cfg, tx, schedule), engine)
   return _CACHE[key]
 
 
-def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
-  """Runs (or resumes) RL in `workdir`; returns the rows logged by this call (eval rows included)."""
+def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> list[dict[str, Any]]:
+  """Runs (or resumes) RL in `workdir`; returns the rows logged by this call (eval rows included).
+
+  `mesh`: the warm start, the learner and the optimizer state sharded as `k2-train` shards them, the
+  engine's rollouts laid out as `k2-generate` runs them on it (`sharding.inference_rules`)."""
   check_config(cfg)
   workdir = Path(workdir)
   c = presets.from_config_dict(cfg.model)
+  sharding.check_mesh_fits_model(mesh, c)
+  if mesh is not None:
+    cfg = trainer._with_moe_impl(cfg, mesh)
   if cfg.init_checkpoint and not checkpointing.has_steps(workdir):  # refused before the workdir exists
     _refuse_other_model(cfg.init_checkpoint, checkpointing.model_config_of(cfg.init_checkpoint), c)
   trainer.prepare_workdir(workdir)
@@ -230,21 +253,19 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
   ptx = _ptx_data(cfg, env)
   start = ckpt.latest_step() or 0
   if not start:
-    init = cfg.init_checkpoint or warm_start(cfg, workdir)
-    # Built under jit: committed to the device like the step's own output, so step 2 does not compile again.
-    state = jax.jit(lambda p: ts.init_state(p, tx))(_load_init(cfg, c, init))
+    init = cfg.init_checkpoint or warm_start(cfg, workdir, mesh)
+    # Built under jit: committed to the devices like the step's own output, so step 2 does not compile again.
+    state = jax.jit(lambda p: ts.init_state(p, tx))(_load_init(cfg, c, init, mesh))
   else:
-    like = jax.eval_shape(lambda: ts.init_state(params_lib.init_params(
-        c, jax.random.key(0), params_lib.dtype_from_name(cfg.param_dtype)), tx))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), like)
+    like = trainer._state_like(cfg, c, tx, mesh)  # the fresh run's shapes and shardings
     _, params, opt_state, meta = ckpt.restore(like.params, like.opt_state, c)
-    state = ts.TrainState(jax.device_put(jnp.asarray(start * cfg.updates_per_batch, jnp.int32), dev), params, opt_state)
+    state = ts.TrainState(jax.device_put(jnp.asarray(start * cfg.updates_per_batch, jnp.int32), like.step.sharding),
+                          params, opt_state)
     if ptx is not None:
       ptx.restore(meta["ptx_state"])
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-  step_fn, engine = _compiled(c, cfg, tx, schedule)
-  engine.params = _rollout_params(state.params, cfg)
+  step_fn, engine = _compiled(c, cfg, tx, schedule, mesh)
+  engine.params = _rollout_params(state.params, cfg, c, mesh)
   K, P = cfg.samples_per_prompt, cfg.prompts_per_step
   end = cfg.num_steps if not cfg.stop_after_steps else min(cfg.num_steps, cfg.stop_after_steps)
   logger, rows = trainer._Logger(workdir, start), []  # drops rows a killed run logged past its checkpoint
@@ -258,14 +279,16 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
   bar = _progress(cfg, start, end)
   try:
     if start == 0 and cfg.eval_every:
-      log({"step": 0, **evaluate(engine, tok, env, cfg)})
+      with _sampling(mesh):
+        log({"step": 0, **evaluate(engine, tok, env, cfg)})
     for step in range(start, end):
-      engine.params = _rollout_params(state.params, cfg)
+      engine.params = _rollout_params(state.params, cfg, c, mesh)
       seeds = task_seeds("train", P, start=cfg.warm_start.examples + step * P)
       tasks = [env.reset(s) for s in seeds for _ in range(K)]
       temp = temperature_at(cfg, step)
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-      samples = ro.rollout(engine, tok, env, tasks, _spec(cfg), SamplingParams(temperature=temp), key)
+      with _sampling(mesh):
+        samples = ro.rollout(engine, tok, env, tasks, _spec(cfg), SamplingParams(temperature=temp), key)
       scores = [env.score(s.task, s.trajectory) for s in samples]
       shape_pk = lambda xs: np.asarray(xs).reshape(P, K)  # noqa: E731
       rewards = rl_loss.shaped_rewards(
@@ -273,7 +296,8 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
           shape_pk([s.response_len for s in samples]), shape_pk([s.truncated for s in samples]),
           length_weight=cfg.length_penalty_weight, truncation_penalty=cfg.truncation_penalty).reshape(-1)
       batch = {**ro.to_batch(samples, cfg.seq_len), "rewards": rewards}
-      state, metrics = step_fn(state, batch, ptx.next_batch() if ptx is not None else None)
+      with _learning(mesh):
+        state, metrics = step_fn(state, batch, ptx.next_batch() if ptx is not None else None)
       done = step + 1
       row = {"step": done, **step_rows(samples, scores, rewards), "temperature": temp,
              **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -283,8 +307,9 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", len=f"{row['response_len_mean']:.0f}")
         bar.update(1)
       if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.num_steps):
-        engine.params = _rollout_params(state.params, cfg)
-        log({"step": done, **evaluate(engine, tok, env, cfg)})
+        engine.params = _rollout_params(state.params, cfg, c, mesh)
+        with _sampling(mesh):
+          log({"step": done, **evaluate(engine, tok, env, cfg)})
       if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
         ckpt.save(done, state.params, state.opt_state,
                   {**meta_base, "ptx_state": ptx.state() if ptx is not None else None})
@@ -309,8 +334,12 @@ def main(argv) -> None:
   cfg = flags.FLAGS.config
   if flags.FLAGS.init_checkpoint:
     cfg.init_checkpoint = flags.FLAGS.init_checkpoint
+  if flags.FLAGS["moe_impl"].present:  # the flag overrides the run config's moe_impl
+    with cfg.unlocked():
+      cfg.moe_impl = flags.FLAGS.moe_impl
   try:
-    rows = train_rl(cfg, flags.FLAGS.workdir)
+    mesh = sharding.mesh_from_flags() if flags.FLAGS.mesh else None
+    rows = train_rl(cfg, flags.FLAGS.workdir, mesh)
   except (ValueError, checkpointing.CheckpointError, presets.ConfigError, FileNotFoundError) as e:
     print(f"k2-rl: error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -329,7 +358,8 @@ def run() -> None:
     flags.DEFINE_string("init_checkpoint", None, "k2-train / k2-rl workdir or step folder to start RL from "
                         "(default: the embedded warm start).")
     flags.mark_flag_as_required("workdir")
-  cli.run(main, [__name__], keep_scratch_mapped=True)
+    sharding.define_mesh_flag()
+  cli.run(main, [__name__, "k2jax.sharding"], keep_scratch_mapped=True)
 
 
 if __name__ == "__main__":
