@@ -43,19 +43,39 @@ def _worker(out_dir: str) -> None:
   jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _convert_worker(out_dir: str, src: str) -> None:
+  """One process of a two-host `k2-convert --mesh`, then a load of its output into the same mesh's shards;
+  saves every loaded leaf, gathered, for the parent to compare."""
+  from k2jax import sharding  # noqa: PLC0415
+
+  assert sharding.maybe_initialize_distributed()
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from k2jax.convert import convert  # noqa: PLC0415
+  from k2jax.train import checkpointing  # noqa: PLC0415
+
+  mesh = sharding.make_mesh(MESH)
+  out = os.path.join(out_dir, "conv")
+  convert(src, out, mesh=mesh, progress=False)
+  params, _ = checkpointing.load_params_for_inference(out, jnp.bfloat16, mesh=mesh)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert any(not x.is_fully_addressable for _, x in flat)  # some leaves really split over both processes
+  arrays = {jax.tree_util.keystr(path): np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            for path, x in flat}
+  np.savez(os.path.join(out_dir, f"loaded_{jax.process_index()}.npz"), **{k: a.view(np.uint8) if a.dtype.itemsize
+                                                                          == 2 else a for k, a in arrays.items()})
+  jax.distributed.shutdown()
 
 
-def test_two_processes_match_one(tmp_path):
+def _run_two(tmp_path, *args) -> None:
   port = _free_port()
   procs = []
   for pid in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env,
+    procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path), *args], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   try:
     logs = [p.communicate(timeout=240)[0] for p in procs]
@@ -64,6 +84,16 @@ def test_two_processes_match_one(tmp_path):
       p.kill()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  _run_two(tmp_path)
 
   import jax  # noqa: PLC0415
 
@@ -79,5 +109,33 @@ def test_two_processes_match_one(tmp_path):
       assert rel_err(got, ref) <= 1e-5, (impl, pid)
 
 
+def test_two_hosts_convert_and_load_into_their_shards_as_one_does(tmp_path):
+  """`k2-convert --mesh` over two processes (each writing its own shards), then loading the result into the
+  same two-process mesh: every leaf equals one process's conversion and load, bit for bit, and the
+  two-process checkpoint loads in one process too."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from k2jax.convert import convert  # noqa: PLC0415
+  from k2jax.train import checkpointing  # noqa: PLC0415
+  from test_convert import _k2_thinking_dir  # noqa: PLC0415
+
+  src = _k2_thinking_dir(str(tmp_path / "hf"))
+  _run_two(tmp_path, "convert", src)
+  convert(src, str(tmp_path / "one"), progress=False)
+  for where in ("one", "conv"):
+    params, _ = checkpointing.load_params_for_inference(tmp_path / where, jnp.bfloat16)
+    want = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {k: a.view(np.uint8) if a.dtype.itemsize == 2 else a for k, a in want.items()}
+    for pid in range(2):
+      got = np.load(tmp_path / f"loaded_{pid}.npz")
+      assert sorted(got.files) == sorted(want), (where, pid)
+      for k, a in want.items():
+        np.testing.assert_array_equal(got[k], a, err_msg=f"{where} {pid} {k}")
+
+
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  if sys.argv[2:3] == ["convert"]:
+    _convert_worker(sys.argv[1], sys.argv[3])
+  else:
+    _worker(sys.argv[1])
