@@ -246,7 +246,11 @@ def test_bad_input_errors(tmp_path):
     runner.train_rl(_tiny_cfg(env="maze"), tmp_path / "env")
   with pytest.raises(ValueError, match="unknown RL objective 'ppo'"):
     runner.train_rl(_tiny_cfg(objective="ppo"), tmp_path / "obj")
-  assert not (tmp_path / "k1").exists() and not (tmp_path / "env").exists()
+  other_vocab = _tiny_cfg()
+  other_vocab.model.vocab_size = 4096  # no checkpoint to bring its tokenizer, and not the tiny one's vocabulary
+  with pytest.raises(ValueError, match="no tokenizer folder was given, and the model's vocabulary \\(4096 ids\\)"):
+    runner.train_rl(other_vocab, tmp_path / "vocab")
+  assert not any((tmp_path / d).exists() for d in ("k1", "env", "vocab"))
 
 
 def test_temperature_schedule():

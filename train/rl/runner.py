@@ -26,6 +26,7 @@ import numpy as np
 
 from k2jax import envs, presets, sharding
 from k2jax import params as params_lib
+from k2jax.config import K2Config
 from k2jax.envs.base import task_seeds
 from k2jax.infer.engine import Engine
 from k2jax.infer.sampling import SamplingParams
@@ -169,19 +170,22 @@ def evaluate(engine: Engine, tokenizer, env, cfg) -> dict[str, float]:
           "eval_thinking_frac": float(np.mean([s.thought for s in samples]))}
 
 
-def _ptx_data(cfg, env):
+def _ptx_data(cfg, env, tok):
   if not cfg.ptx_weight:
     return None
   rows = []
   for i, conv in enumerate(env.sft_examples(seed=task_seeds("train", 1, start=cfg.warm_start.examples)[0], n=512)):
-    rows.append(data.chat_document(_tokenizer(), conv, env.reset(i).tools if any(m.get("tool_calls") for m in conv)
+    rows.append(data.chat_document(tok, conv, env.reset(i).tools if any(m.get("tool_calls") for m in conv)
                                    else None))
   return data.PackedDataset(rows, cfg.ptx_batch_size, cfg.seq_len, seed=cfg.seed)
 
 
-def _tokenizer():
-  from k2jax import tokenizer_build  # noqa: PLC0415
-  return tokenizer_build.tiny_tokenizer()
+def _tokenizer(c: K2Config, init_checkpoint: str | None):
+  """The init checkpoint's own tokenizer (a converted release keeps its files beside the weights), else the
+  project's tiny one, only for a model of its vocabulary (the embedded default); anything else is an error:
+  the wrong vocabulary would train on garbage."""
+  from k2jax.infer import cli_common  # noqa: PLC0415
+  return cli_common.load_tokenizer(None, c, init_checkpoint or None)
 
 
 def _load_init(cfg, c, path, mesh=None) -> dict:
@@ -246,11 +250,12 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> 
     cfg = trainer._with_moe_impl(cfg, mesh)
   if cfg.init_checkpoint and not checkpointing.has_steps(workdir):  # refused before the workdir exists
     _refuse_other_model(cfg.init_checkpoint, checkpointing.model_config_of(cfg.init_checkpoint), c)
+  tok = _tokenizer(c, cfg.init_checkpoint)  # so is a model without its tokenizer
   trainer.prepare_workdir(workdir)
-  env, tok = make_env(cfg), _tokenizer()
+  env = make_env(cfg)
   tx, schedule = learner.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, async_save=False)
-  ptx = _ptx_data(cfg, env)
+  ptx = _ptx_data(cfg, env, tok)
   start = ckpt.latest_step() or 0
   if not start:
     init = cfg.init_checkpoint or warm_start(cfg, workdir, mesh)
