@@ -53,6 +53,7 @@ def _convert_worker(out_dir: str, src: str) -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
+  import k2jax  # noqa: PLC0415
   from k2jax.convert import convert  # noqa: PLC0415
   from k2jax.train import checkpointing  # noqa: PLC0415
 
@@ -64,6 +65,12 @@ def _convert_worker(out_dir: str, src: str) -> None:
   assert any(not x.is_fully_addressable for _, x in flat)  # some leaves really split over both processes
   arrays = {jax.tree_util.keystr(path): np.asarray(multihost_utils.process_allgather(x, tiled=True))
             for path, x in flat}
+  # The HF folder read straight into the same shards holds the same values.
+  from_hf = k2jax.from_hf(src, jnp.bfloat16, mesh=mesh, progress=False).param_tree()
+  for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(from_hf)[0], flat, strict=True):
+    assert x.sharding == y.sharding, path
+    np.testing.assert_array_equal(np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                                  arrays[jax.tree_util.keystr(path)], err_msg=str(path))
   np.savez(os.path.join(out_dir, f"loaded_{jax.process_index()}.npz"), **{k: a.view(np.uint8) if a.dtype.itemsize
                                                                           == 2 else a for k, a in arrays.items()})
   jax.distributed.shutdown()
@@ -112,7 +119,7 @@ def test_two_processes_match_one(tmp_path):
 def test_two_hosts_convert_and_load_into_their_shards_as_one_does(tmp_path):
   """`k2-convert --mesh` over two processes (each writing its own shards), then loading the result into the
   same two-process mesh: every leaf equals one process's conversion and load, bit for bit, and the
-  two-process checkpoint loads in one process too."""
+  two-process checkpoint loads in one process too; the HF folder read into the mesh holds the same."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
