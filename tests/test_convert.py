@@ -486,7 +486,7 @@ def test_k2_rl_init_checkpoint_from_a_converted_checkpoint(converted, tmp_path):
   cfg = _tiny_cfg(num_steps=1, eval_every=0, init_checkpoint=converted)
   c = presets.from_config_dict(cfg.model)
   assert checkpointing.model_config_of(converted).expert_quant == "int4" and c.expert_quant is None
-  p = runner._load_init(cfg, c, converted)
+  p = checkpointing.load_params_for_training(converted, c, jnp.float32)  # what train_rl starts from
   want, _ = checkpointing.load_params_for_inference(converted, jnp.float32)
   w = p["moe_layers"]["moe"]["experts"]["down_efd"]
   assert not isinstance(w, int4.QuantizedWeight) and w.dtype == jnp.float32

@@ -43,6 +43,11 @@ def _worker(out_dir: str) -> None:
   jax.distributed.shutdown()
 
 
+def _savable(arrays: dict) -> dict:
+  """np.savez-able arrays: 2-byte floats (bf16, which .npz does not know) as their bytes."""
+  return {k: a.view(np.uint8) if a.dtype.itemsize == 2 else a for k, a in arrays.items()}
+
+
 def _convert_worker(out_dir: str, src: str) -> None:
   """One process of a two-host `k2-convert --mesh`, then a load of its output into the same mesh's shards;
   saves every loaded leaf, gathered, for the parent to compare."""
@@ -71,8 +76,7 @@ def _convert_worker(out_dir: str, src: str) -> None:
     assert x.sharding == y.sharding, path
     np.testing.assert_array_equal(np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                                   arrays[jax.tree_util.keystr(path)], err_msg=str(path))
-  np.savez(os.path.join(out_dir, f"loaded_{jax.process_index()}.npz"), **{k: a.view(np.uint8) if a.dtype.itemsize
-                                                                          == 2 else a for k, a in arrays.items()})
+  np.savez(os.path.join(out_dir, f"loaded_{jax.process_index()}.npz"), **_savable(arrays))
   jax.distributed.shutdown()
 
 
@@ -132,8 +136,7 @@ def test_two_hosts_convert_and_load_into_their_shards_as_one_does(tmp_path):
   convert(src, str(tmp_path / "one"), progress=False)
   for where in ("one", "conv"):
     params, _ = checkpointing.load_params_for_inference(tmp_path / where, jnp.bfloat16)
-    want = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {k: a.view(np.uint8) if a.dtype.itemsize == 2 else a for k, a in want.items()}
+    want = _savable({jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]})
     for pid in range(2):
       got = np.load(tmp_path / f"loaded_{pid}.npz")
       assert sorted(got.files) == sorted(want), (where, pid)

@@ -215,10 +215,10 @@ def _locate(path: str | Path) -> tuple[Path, int]:
   return root, steps[-1]
 
 
-def abstract_params_of(meta: dict[str, Any], c: K2Config, sharding=None, *, mesh=None, rules=None) -> Any:
+def abstract_params_of(meta: dict[str, Any], c: K2Config, *, mesh=None, rules=None) -> Any:
   """ShapeDtypeStructs of a checkpoint's params as stored: its param dtype, and INT4 experts (converted
   checkpoints, `expert_format: int4`) as QuantizedWeight(packed int32, scales as the source stored them).
-  Each carries `sharding`, or with `mesh` its own (`sharding.param_shardings` under `rules`)."""
+  Each on the first device, or with `mesh` in its own shards (`sharding.param_shardings` under `rules`)."""
   int4_experts = meta.get("expert_format") == "int4"
   like = params_lib.abstract_params(c, jnp.dtype(meta.get("param_dtype", "float32")), int4_experts=int4_experts)
   if int4_experts:
@@ -229,11 +229,11 @@ def abstract_params_of(meta: dict[str, Any], c: K2Config, sharding=None, *, mesh
     moe["experts"] = {k: QuantizedWeight(w.packed, jax.ShapeDtypeStruct(w.scales.shape, scale_dtype))
                       for k, w in moe["experts"].items()}
   if mesh is not None:
-    from k2jax import sharding as sharding_lib  # noqa: PLC0415
-    tree = sharding_lib.param_shardings(c, mesh, rules, params=like)
+    from k2jax import sharding  # noqa: PLC0415
+    tree = sharding.param_shardings(c, mesh, rules, params=like)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), like, tree)
-  sharding = sharding or _single_device()
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), like)
+  device = _single_device()
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), like)
 
 
 def load_params_for_inference(path: str | Path, dtype=jnp.bfloat16, dequantize_experts: bool = False, *,
@@ -265,6 +265,26 @@ def load_params_for_inference(path: str | Path, dtype=jnp.bfloat16, dequantize_e
     params = {**params, "moe_layers": {**params["moe_layers"], "moe": {**params["moe_layers"]["moe"],
                                                                        "experts": experts}}}
   return params_lib.cast(params, dtype), c
+
+
+def refuse_other_model(source: str | Path, saved: K2Config, c: K2Config) -> None:
+  """A CheckpointError naming each field where the model a run starts from (`saved`, of `source`) is not
+  the run's `c`. Its quantisation and name do not count: a converted release starts a dense run."""
+  diff = config_differences(saved, c, ignore=NON_ARCHITECTURE_FIELDS)
+  if diff:
+    raise CheckpointError(f"init checkpoint {source} is of another model config ({_describe(diff)})")
+
+
+def load_params_for_training(path: str | Path, c: K2Config, dtype, mesh=None) -> dict:
+  """The weights a k2-train or k2-rl run starts from: `path`'s (a workdir, a step folder or a converted
+  release, whose INT4 experts are dequantised to `dtype`: training and QAT update dense masters), refused
+  if its model is not `c`. On `mesh`, read into the training shardings; else on the first device."""
+  params, saved = load_params_for_inference(path, dtype, dequantize_experts=True, mesh=mesh)
+  refuse_other_model(path, saved, c)
+  if mesh is not None:  # the dequantised experts' layout (a no-op for every other leaf)
+    from k2jax import sharding  # noqa: PLC0415
+    return sharding.place_params(params, c, mesh)
+  return jax.device_put(params, jax.devices()[0])
 
 
 def _single_device():

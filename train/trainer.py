@@ -133,28 +133,17 @@ def _data(cfg: ml_collections.ConfigDict, vocab_size: int):
   return train, evals
 
 
-def _refuse_other_model(init_from: str, saved_c, c) -> None:
-  diff = checkpointing.config_differences(saved_c, c, ignore=checkpointing.NON_ARCHITECTURE_FIELDS)
-  if diff:
-    raise checkpointing.CheckpointError(f"init_from {init_from}: model config differs: {sorted(diff)}")
-
-
 def _init_params(cfg, c, mesh):
   dtype = params_lib.dtype_from_name(cfg.param_dtype)
   init_from = cfg.get("init_from", "")
   # Under a mesh every leaf is read or made in its shards: no device ever holds the whole model.
   if init_from:
-    # A converted K2 Thinking checkpoint has INT4 experts: training starts from their dequantised values.
-    params, saved_c = checkpointing.load_params_for_inference(init_from, dtype, dequantize_experts=True, mesh=mesh)
-    _refuse_other_model(init_from, saved_c, c)
-  elif mesh is not None:
-    params = sharding.init_params_sharded(c, jax.random.key(cfg.seed), dtype, mesh)
-  else:
-    # One compiled init, not one small eager compile per leaf.
-    params = jax.jit(lambda k: params_lib.init_params(c, k, dtype))(jax.random.key(cfg.seed))
-  if mesh is not None:  # the dequantised experts' layout, and a no-op for the rest
-    return sharding.place_params(params, c, mesh)
-  # Committed to one device, like restored arrays, so a resumed run hits the same compiled step.
+    return checkpointing.load_params_for_training(init_from, c, dtype, mesh)
+  if mesh is not None:
+    return sharding.init_params_sharded(c, jax.random.key(cfg.seed), dtype, mesh)
+  # One compiled init, not one small eager compile per leaf; committed to one device, like restored
+  # arrays, so a resumed run hits the same compiled step.
+  params = jax.jit(lambda k: params_lib.init_params(c, k, dtype))(jax.random.key(cfg.seed))
   return jax.device_put(params, jax.devices()[0])
 
 
@@ -282,7 +271,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None,
   cfg = _with_moe_impl(cfg, mesh)
   train_ds, eval_set = _data(cfg, c.vocab_size)  # a data source that fails leaves no workdir behind
   if cfg.get("init_from", "") and not checkpointing.has_steps(workdir):  # nor does a bad init source
-    _refuse_other_model(cfg.init_from, checkpointing.model_config_of(cfg.init_from), c)
+    checkpointing.refuse_other_model(cfg.init_from, checkpointing.model_config_of(cfg.init_from), c)
   prepare_workdir(workdir)
   tx, _ = ts.make_optimizer(cfg)
   ckpt = checkpointing.Checkpointer(workdir, cfg.keep_checkpoints, cfg.async_checkpoints)

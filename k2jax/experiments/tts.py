@@ -266,7 +266,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
       tokenizer = cli_common.load_tokenizer(hf_dir, config, checkpoint)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
       raise SweepError(str(e)) from None
-    sharding.check_mesh_fits_model(mesh, config)
     workdir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a bad path leaves nothing
     models = lambda step: params  # noqa: E731
     source = {"checkpoint": checkpoint} if checkpoint else {"hf_dir": hf_dir}

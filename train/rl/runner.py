@@ -188,24 +188,6 @@ def _tokenizer(c: K2Config, init_checkpoint: str | None):
   return cli_common.load_tokenizer(None, c, init_checkpoint or None)
 
 
-def _load_init(cfg, c, path, mesh=None) -> dict:
-  # A converted K2 Thinking checkpoint has INT4 experts: RL starts from their dequantised values (and
-  # trains them with QAT where cfg.qat), as k2-train's init_from does. On a mesh, read into its shards.
-  params, saved = checkpointing.load_params_for_inference(path, params_lib.dtype_from_name(cfg.param_dtype),
-                                                          dequantize_experts=True, mesh=mesh)
-  _refuse_other_model(path, saved, c)
-  if mesh is not None:  # the dequantised experts' layout, and a no-op for the rest
-    return sharding.place_params(params, c, mesh)
-  return jax.device_put(params, jax.devices()[0])
-
-
-def _refuse_other_model(path, saved, c) -> None:
-  diff = checkpointing.config_differences(saved, c, ignore=checkpointing.NON_ARCHITECTURE_FIELDS)
-  if diff:
-    lines = ", ".join(f"{k}: checkpoint {v[0]!r} vs run {v[1]!r}" for k, v in sorted(diff.items()))
-    raise checkpointing.CheckpointError(f"init checkpoint {path} is of another model config ({lines})")
-
-
 def step_rows(samples, scores, rewards) -> dict[str, float]:
   return {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
           "env_reward_mean": float(np.mean([r for r, _ in scores])),
@@ -249,7 +231,7 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> 
   if mesh is not None:
     cfg = trainer._with_moe_impl(cfg, mesh)
   if cfg.init_checkpoint and not checkpointing.has_steps(workdir):  # refused before the workdir exists
-    _refuse_other_model(cfg.init_checkpoint, checkpointing.model_config_of(cfg.init_checkpoint), c)
+    checkpointing.refuse_other_model(cfg.init_checkpoint, checkpointing.model_config_of(cfg.init_checkpoint), c)
   tok = _tokenizer(c, cfg.init_checkpoint)  # so is a model without its tokenizer
   trainer.prepare_workdir(workdir)
   env = make_env(cfg)
@@ -260,7 +242,8 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> 
   if not start:
     init = cfg.init_checkpoint or warm_start(cfg, workdir, mesh)
     # Built under jit: committed to the devices like the step's own output, so step 2 does not compile again.
-    state = jax.jit(lambda p: ts.init_state(p, tx))(_load_init(cfg, c, init, mesh))
+    params = checkpointing.load_params_for_training(init, c, params_lib.dtype_from_name(cfg.param_dtype), mesh)
+    state = jax.jit(lambda p: ts.init_state(p, tx))(params)
   else:
     like = trainer._state_like(cfg, c, tx, mesh)  # the fresh run's shapes and shardings
     _, params, opt_state, meta = ckpt.restore(like.params, like.opt_state, c)
