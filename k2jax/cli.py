@@ -66,6 +66,13 @@ def _print_error(argv: Sequence[str] | None, message: str, usage: bool) -> None:
   print(f"{_prog(argv)}: error: {message}" + (" (--help lists the flags)" if usage else ""), file=sys.stderr)
 
 
+def exit_with_error(argv: Sequence[str] | None, error: BaseException) -> None:
+  """`PROG: error: MESSAGE` on one line and exit status 1, for an entry point that sorts its own errors
+  (those `fail_cleanly` would not take as expected, a bare ValueError say)."""
+  _print_error(argv, " ".join(str(error).split()) or type(error).__name__, usage=False)
+  sys.exit(1)
+
+
 def _unknown_config_field(error: BaseException, argv: Sequence[str], name: str = "config") -> str | None:
   """The message for an override (`--config.a.b=...`) of a field the config does not have, which
   ml_collections reports as a bare AttributeError / KeyError of the key (with a "Did you mean" line when

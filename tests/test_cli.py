@@ -65,7 +65,7 @@ def test_numbers_out_of_range_are_flag_errors(module, entry, flag):
     ("k2jax.train.rl.runner", ["--workdir={file}"], "k2-tool: error: workdir {file} is a file, not a folder"),
     ("k2jax.plan", ["--mesh=bogus:2"], "k2-tool: error: unknown mesh axis 'bogus'"),
     ("k2jax.train.rl.runner", ["--workdir={missing}", "--mesh=expert:3"],
-     "k2-rl: error: mesh data:1,fsdp:1,expert:3,tensor:1: the expert axis (3) does not divide"),
+     "k2-tool: error: mesh data:1,fsdp:1,expert:3,tensor:1: the expert axis (3) does not divide"),
     ("k2jax.infer.generate", ["--hf_dir={missing}", "--prompt_ids=1"], "k2-tool: error: {missing} is missing"),
     # A config field that does not exist, with the default config (loaded when the flag is defined) and
     # with --config given (loaded when the flags are parsed).

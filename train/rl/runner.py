@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from k2jax import envs, presets, sharding
+from k2jax import cli, envs, presets, sharding
 from k2jax import params as params_lib
 from k2jax.config import K2Config
 from k2jax.envs.base import task_seeds
@@ -317,7 +316,6 @@ def _progress(cfg, start, end):
 
 
 def main(argv) -> None:
-  del argv
   from absl import flags  # noqa: PLC0415
   cfg = flags.FLAGS.config
   if flags.FLAGS.init_checkpoint:
@@ -329,8 +327,7 @@ def main(argv) -> None:
     mesh = sharding.mesh_from_flags() if flags.FLAGS.mesh else None
     rows = train_rl(cfg, flags.FLAGS.workdir, mesh)
   except (ValueError, checkpointing.CheckpointError, presets.ConfigError, FileNotFoundError) as e:
-    print(f"k2-rl: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(argv, e)
   last = [r for r in rows if "reward_mean" in r]
   if last:
     print(json.dumps(last[-1]))
@@ -339,7 +336,6 @@ def main(argv) -> None:
 def run() -> None:
   from absl import flags  # noqa: PLC0415
 
-  from k2jax import cli  # noqa: PLC0415
   if "config" not in flags.FLAGS:
     cli.define_config_file(_default_config_path(), "Run config file (ml_collections).")
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and the warm start go here.")
