@@ -220,18 +220,20 @@ def test_tiny_run_end_to_end_then_reuses_the_model(tmp_path, monkeypatch, capsys
 
 def test_cli_trains_then_measures_on_an_expert_mesh(tmp_path):
   # `--mesh=expert:2` once wrapped the whole job in the mesh: the warm start's first train step failed
-  # (its state on one device, the step traced under the two-device mesh). Training runs off the mesh;
-  # the sweep's engine runs on it.
+  # (its state on one device, the step traced under the two-device mesh). With --train_on_mesh the warm
+  # start and RL train on the mesh in their own contexts (k2-train's, k2-rl's); the sweep's engine runs on it.
   overrides = {"n_problems": 2, "batch_size": 4, "max_new_tokens": 8, "max_len": 512, "axes.parallel": "(1, 2)",
                "train.examples_per_env.arith": 16, "train.examples_per_env.lookup": 8,
                "train.aggregation.examples.arith": 4, "train.sft.num_steps": 2, "train.sft.data.batch_size": 4,
-               "train.rl.num_steps": 0}
+               "train.rl.num_steps": 1}
   proc = subprocess.run(
       [sys.executable, "-c", "from k2jax.experiments.tts import run_cli; run_cli()", f"--workdir={tmp_path / 'w'}",
-       "--mesh=expert:2", "--axes=parallel", *[f"--config.{k}={v}" for k, v in overrides.items()]],
+       "--mesh=expert:2", "--train_on_mesh", "--axes=parallel", *[f"--config.{k}={v}" for k, v in overrides.items()]],
       capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "moe_impl: ep" in proc.stderr
+  assert "expert:2" in json.loads((tmp_path / "w" / "sft" / "config.json").read_text())["resolved"]["mesh"]
+  assert json.loads((tmp_path / "w" / "rl" / "config.json").read_text())["moe_impl"] == "ep"  # RL on the mesh
   rows = list(csv.reader((tmp_path / "w" / "results.csv").open()))
   assert [r[:2] for r in rows[1:]] == [["parallel", "1"], ["parallel", "2"]]
 
@@ -244,3 +246,23 @@ def test_training_under_a_callers_mesh_is_refused_before_any_work(tmp_path):
   with sharding.use_mesh(mesh), pytest.raises(tts.SweepError, match="outside sharding.use_mesh"):
     tts.run(_cfg(parallel=(1,)), tmp_path / "w", progress=False, mesh=mesh, moe_impl="ep")
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("train_on_mesh, trains_on_mesh", [(None, False), (True, True), (False, False)])
+def test_training_on_cpu_devices_is_opt_in(train_on_mesh, trains_on_mesh, tmp_path, monkeypatch):
+  # A CPU host's devices share its cores: training there was slower than on one device.
+  import jax
+
+  from k2jax import sharding
+  from k2jax.experiments import training
+  mesh = sharding.make_mesh("expert:2", jax.devices()[:2])
+  seen = []
+
+  def prepare(*args, mesh=None, **kwargs):
+    seen.append(mesh)
+    raise tts.SweepError("stop")
+  monkeypatch.setattr(training, "prepare", prepare)
+  with pytest.raises(tts.SweepError, match="stop"):
+    tts.run(_cfg(parallel=(1,)), tmp_path / "w", progress=False, mesh=mesh, moe_impl="ep",
+            train_on_mesh=train_on_mesh)
+  assert seen == [mesh if trains_on_mesh else None]

@@ -90,8 +90,9 @@ def check_config(cfg) -> None:
       raise ValueError(f"{section}: {e}") from None
 
 
-def _rl(cfg, workdir: Path, sft_dir: Path, progress: bool) -> dict[int, Path]:
-  """RL from the warm start (k2-rl's loop), resumed or reused; its saved models by step."""
+def _rl(cfg, workdir: Path, sft_dir: Path, progress: bool, mesh=None) -> dict[int, Path]:
+  """RL from the warm start (k2-rl's loop, on `mesh` when given), resumed or reused; its saved models by
+  step."""
   from k2jax.train import checkpointing  # noqa: PLC0415
   from k2jax.train.rl import runner  # noqa: PLC0415
   rl_cfg = rl_config(cfg)
@@ -103,7 +104,7 @@ def _rl(cfg, workdir: Path, sft_dir: Path, progress: bool) -> dict[int, Path]:
   latest = ckpt.latest_step()
   ckpt.close()
   if latest != rl_cfg.num_steps:
-    runner.train_rl(rl_cfg, rl_dir)
+    runner.train_rl(rl_cfg, rl_dir, mesh)
   else:
     print(f"reusing the RL run in {rl_dir}")
   root = rl_dir / checkpointing.CHECKPOINT_DIR
@@ -116,9 +117,14 @@ def _record(cfg) -> dict:
                     .to_json_best_effort())
 
 
-def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True) -> TrainedModels:
+def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True, mesh=None) -> TrainedModels:
   """Trains what the workdir lacks (or reuses it) and returns the models along the RL run (`check_config`
-  first: `tts.run` calls it before it makes the workdir)."""
+  first: `tts.run` calls it before it makes the workdir). With `mesh`, the warm start and RL train on it
+  (as `k2-train --mesh` and `k2-rl --mesh` do) and the models load into the engine's shards; a model
+  trained on one layout is reused on another (the same model, to rounding)."""
+  import contextlib  # noqa: PLC0415
+
+  from k2jax import sharding  # noqa: PLC0415
   from k2jax.train import checkpointing, trainer  # noqa: PLC0415
   record_path = workdir / TRAIN_RECORD
   record = _record(cfg)
@@ -137,20 +143,23 @@ def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True) -
     if not data_path.exists():
       _write_jsonl(data_path, sft_conversations(cfg))
     sft_cfg.data.train = str(data_path)
-    trainer.train(sft_cfg, sft_dir)
+    with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      trainer.train(sft_cfg, sft_dir, mesh)
   else:
     print(f"reusing the warm-start model in {sft_dir}")
   dtype = params_lib.dtype_from_name(cfg.dtype)
-  _, config = checkpointing.load_params_for_inference(sft_dir, dtype)
+  config = checkpointing.model_config_of(sft_dir)
   saved = {0: sft_dir}
   if cfg.train.rl.num_steps > 0:
-    saved.update(_rl(cfg, workdir, sft_dir, progress))
+    saved.update(_rl(cfg, workdir, sft_dir, progress, mesh))
   missing = [s for s in rl_steps if s not in saved]
   if missing:
     raise ValueError(f"the RL run saved no model at steps {missing}; saved: {sorted(saved)}")
   steps = sorted(saved)
 
+  rules = sharding.inference_rules(mesh) if mesh is not None else None
+
   def load(step: int) -> dict:
-    return checkpointing.load_params_for_inference(saved[step], dtype)[0]
+    return checkpointing.load_params_for_inference(saved[step], dtype, mesh=mesh, rules=rules)[0]
 
   return TrainedModels(config, steps, load)

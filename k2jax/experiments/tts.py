@@ -182,7 +182,7 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
     key = (plan.env_of[axis], problems_of(cfg, axis))
     if key not in tasks_of:
       tasks_of[key] = [_env(cfg, key[0]).reset(s) for s in envs.task_seeds("eval", key[1])]
-  # The mesh is the measurement's (the engine reads it from the context); training ran outside it.
+  # The engine reads the mesh from the context (training set up its own).
   with (sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else _null()):
     results = _measure_points(cfg, plan, models, tokenizer, config, points, tasks_of, bar, mesh, moe_impl)
   plots.write_plots(workdir, results)
@@ -231,8 +231,12 @@ def _progress(total: int, enabled: bool):
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str | None = None,
         hf_dir: str | None = None, axes: list[str] | None = None, progress: bool = True,
-        mesh=None, moe_impl: str = "ragged") -> list[sweep.PointResult]:
-  """The whole job; returns the measured points (also written to `workdir`)."""
+        mesh=None, moe_impl: str = "ragged", train_on_mesh: bool | None = None) -> list[sweep.PointResult]:
+  """The whole job; returns the measured points (also written to `workdir`).
+
+  `mesh`: what the sweep measures on; the embedded default also trains there when `train_on_mesh`
+  (None: when its devices are accelerators; a CPU host's devices share its cores, and training on
+  `expert:2` there took 1.6x one device's time)."""
   from k2jax import presets, sharding  # noqa: PLC0415
   from k2jax.experiments import training  # noqa: PLC0415
   from k2jax.infer import cli_common  # noqa: PLC0415
@@ -250,12 +254,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
     except ValueError as e:
       raise SweepError(str(e)) from None
     sharding.check_mesh_fits_model(mesh, presets.from_config_dict(cfg.train.sft.model))  # before training
-    if sharding.current() is not None:  # the train steps would be traced under the caller's mesh
-      raise SweepError("the embedded default trains on one device: call tts.run outside sharding.use_mesh "
-                       "and give the mesh as mesh=..., which the sweep then measures on")
+    if sharding.current() is not None:  # training sets up its own mesh contexts (k2-train's, k2-rl's)
+      raise SweepError("tts.run trains the embedded default under its own mesh contexts: call it outside "
+                       "sharding.use_mesh and give the mesh as mesh=..., which it then trains and measures on")
     workdir.mkdir(parents=True, exist_ok=True)
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
-    store = training.prepare(cfg, workdir, rl_steps, progress=progress)
+    if train_on_mesh is None:
+      train_on_mesh = mesh is not None and mesh.devices.flat[0].platform != "cpu"
+    store = training.prepare(cfg, workdir, rl_steps, progress=progress, mesh=mesh if train_on_mesh else None)
     models, config = store.params, store.config
     tokenizer = cli_common.load_tokenizer(None, config)
     source = {"trained_in": str(workdir), "rl_steps": store.rl_steps}
@@ -299,7 +305,7 @@ def main(argv) -> None:
     mesh = sharding.mesh_from_flags() if FLAGS.mesh else None
     moe_impl = sharding.moe_impl_from_flags(mesh)
     results = run(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, hf_dir=FLAGS.hf_dir, axes=axes,
-                  mesh=mesh, moe_impl=moe_impl)
+                  mesh=mesh, moe_impl=moe_impl, train_on_mesh=FLAGS.train_on_mesh)
   except SweepError as e:
     raise app.UsageError(str(e)) from None
   print(format_table(results))
@@ -323,6 +329,8 @@ def run_cli() -> None:
     flags.DEFINE_string("hf_dir", None, "Sweep an HF checkpoint folder (e.g. K2 Thinking) instead of training.")
     flags.DEFINE_string("axes", None, f"Comma-separated subset of the config's axes ({', '.join(sweep.AXES)}).")
     sharding.define_mesh_flag()
+    flags.DEFINE_bool("train_on_mesh", None, "Train the embedded default on --mesh too (default: when its "
+                      "devices are accelerators; on a CPU host they share its cores and training there is slower).")
   cli.run(main, [__name__, "k2jax.sharding"], keep_scratch_mapped=True)
 
 
