@@ -40,6 +40,9 @@ _EXPORT = flags.DEFINE_bool("export", True, "Also time k2-export of the converte
 _BASELINE = flags.DEFINE_string(
     "baseline_code", None, "Another checkout's root (its k2jax/ put first on PYTHONPATH): its converter is "
     "timed too, alternating with this one, for before/after figures from the same run.")
+_DATA_FILE_MB = flags.DEFINE_integer(
+    "data_file_mb", 0, "This checkout's converter stores each leaf over this many MB in several chunks "
+    "(layout.DATA_FILE_BYTES; 0: Orbax's own 2 GiB), as the 1T model's expert stacks are stored.")
 _SETTLE = flags.DEFINE_float(
     "settle_s", 3.0, "Pause before each timed side, after the previous side's output is deleted. On a VM "
     "that returns freed memory to its host (free page reporting, ~2 s), memory touched anew is several "
@@ -168,8 +171,9 @@ def main(argv):
                           "os.sync()")[0])
       shutil.rmtree(dst)
       out = os.path.join(root, f"conv{i}")
-      def convert_code(dst: str) -> str:
-        return (f"import json; from k2jax.convert import convert; "
+      def convert_code(dst: str, data_file_mb: int = 0) -> str:
+        chunks = f"layout.DATA_FILE_BYTES = {data_file_mb << 20}; " if data_file_mb else ""
+        return (f"import json; from k2jax.convert import convert, layout; {chunks}"
                 f"print(json.dumps(convert({src!r}, {dst!r}, progress=False)))")
 
       def baseline_side():
@@ -181,7 +185,7 @@ def main(argv):
       # memory in (the same code run first and then second: the first faster in 6 runs of 6).
       if _BASELINE.value and i % 2 == 0:
         baseline_side()
-      s, r, inner = _k2jax_child(convert_code(out))
+      s, r, inner = _k2jax_child(convert_code(out, _DATA_FILE_MB.value))
       if _BASELINE.value and i % 2 == 1:
         baseline_side()
       conv_s.append(s)

@@ -510,6 +510,47 @@ def test_sharded_conversion_writes_the_same_checkpoint(k2t, converted, tmp_path)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_chunk_regions_tile_an_array_once():
+  shape, chunk = (5, 7, 3), (2, 3, 3)
+  seen = np.zeros(shape, np.int32)
+  regions = layout.chunk_regions(shape, chunk)
+  for region in regions:
+    seen[region] += 1
+    assert all(s.stop - s.start <= c for s, c in zip(region, chunk))
+  assert len(regions) == 3 * 3 * 1 and (seen == 1).all()
+
+
+def test_leaves_over_a_data_file_are_stored_in_chunks_written_one_at_a_time(k2t, converted, tmp_path, monkeypatch):
+  # As the 1T model's expert stacks are (177 GiB in Orbax's 2 GiB chunks): each stored in several chunks,
+  # written a chunk at a time (one tensorstore write of the whole leaf would first copy all of it).
+  import tensorstore as ts
+  from orbax.checkpoint._src.serialization import type_handlers
+  monkeypatch.setattr(layout, "DATA_FILE_BYTES", 8 << 10)
+  opened, writes = [], []
+  real_open = ts.open
+
+  async def open_spy(*args, **kwargs):
+    t = await real_open(*args, **kwargs)
+    opened.append(t)
+    return t
+  monkeypatch.setattr(ts, "open", open_spy)
+  real_chunked = layout.chunk_regions
+  monkeypatch.setattr(layout, "chunk_regions", lambda shape, chunk: writes.append((shape, chunk)) or
+                      real_chunked(shape, chunk))
+  out = str(tmp_path / "chunked")
+  convert(k2t, out, progress=False)
+  assert type_handlers.NumpyHandler._open_and_write.__name__ == "_open_and_write"  # Orbax's, back in place
+  multi = [t for t in opened if tuple(t.chunk_layout.write_chunk.shape) != tuple(t.shape)]
+  assert len(multi) >= 4 and len(writes) == len(multi)  # every leaf in several chunks went chunk by chunk
+  a, _ = checkpointing.load_params_for_inference(out, jnp.bfloat16)
+  b, _ = checkpointing.load_params_for_inference(converted, jnp.bfloat16)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+  back = str(tmp_path / "back")  # the export's row reads span the chunks
+  export(out, back, progress=False)
+  _assert_same_tensors(k2t, back)
+
+
 @pytest.mark.parametrize("source", ["checkpoint", "hf_dir"])
 def test_a_model_loads_straight_into_the_engines_shards(k2t, converted, source):
   """Under a mesh, `--checkpoint` and `--hf_dir` read every leaf into the shards the engine runs it in: the

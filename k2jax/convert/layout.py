@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import os
 import shutil
 import threading
@@ -280,6 +281,9 @@ def import_orbax() -> None:
 
 
 BATCH_BYTES = 256 << 20  # leaves gathered into one Orbax save (each save has a fixed cost, ~40 ms)
+# Orbax's target size of a data file, which also caps a stored chunk (None: Orbax's own, 2 GiB on a local
+# disk). A leaf over it is stored in several chunks: every routed-expert stack of the 1T model is.
+DATA_FILE_BYTES: int | None = None
 
 
 def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:
@@ -318,6 +322,43 @@ def _deferred_file_sync():
     tensorstore_utils.get_ts_context = real
 
 
+def chunk_regions(shape, chunk) -> list[tuple[slice, ...]]:
+  """The regions of an array of `shape` stored in chunks of `chunk` (edge chunks cut short), in C order."""
+  starts = itertools.product(*(range(0, n, c) for n, c in zip(shape, chunk)))
+  return [tuple(slice(s, min(s + c, n)) for s, c, n in zip(st, chunk, shape)) for st in starts]
+
+
+@contextlib.contextmanager
+def _host_leaves_written_by_chunk():
+  """Orbax writes a host (numpy) leaf with one tensorstore write. Where the leaf is stored in several
+  chunks (over `DATA_FILE_BYTES`: the 1T model's expert stacks, 177 GiB in 2 GiB chunks), tensorstore
+  then copies all of it into its chunk cache before writing any (peak RSS 1.5x the leaf over the slabs,
+  benchmarks/NOTES.md); written a chunk at a time, the copy is of one chunk. A leaf in one chunk is
+  written as before. Installed while a `ParamsWriter` is open (its saves run in the background)."""
+  try:
+    import tensorstore as ts  # noqa: PLC0415
+    from orbax.checkpoint._src.serialization import type_handlers  # noqa: PLC0415
+    real = type_handlers.NumpyHandler._open_and_write
+  except (ImportError, AttributeError):  # another Orbax: whole-leaf writes (more memory, same result)
+    yield
+    return
+
+  async def open_and_write(self, value, tspec, ts_context):
+    t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    chunk = tuple(t.chunk_layout.write_chunk.shape)
+    if chunk == tuple(t.shape):
+      await t.write(value, can_reference_source_data_indefinitely=True)
+      return
+    for region in chunk_regions(t.shape, chunk):
+      await t[region].write(value[region], can_reference_source_data_indefinitely=True)
+
+  type_handlers.NumpyHandler._open_and_write = open_and_write
+  try:
+    yield
+  finally:
+    type_handlers.NumpyHandler._open_and_write = real
+
+
 def save_folders(path: str) -> list[str]:
   """The folders Orbax's partial saves to `path` write into (`<path>.partial_save/pending_*` until
   finalized)."""
@@ -349,6 +390,7 @@ class ParamsWriter:
     self.recycler = Recycler(functools.partial(save_folders, self.path), skip=self.synced,
                              skip_dirs=self.finished_dirs)
     self._ctx = None
+    self._patches = contextlib.ExitStack()
     # Orbax's import (~0.4 s, Python) runs while the first leaves are read (numpy, without the GIL).
     self._orbax = self.syncer.submit(import_orbax)
 
@@ -362,6 +404,9 @@ class ParamsWriter:
       self._ctx.array.saving.use_compression = False
       # Leaves are never modified after they are handed over, so Orbax need not copy them first.
       self._ctx.memory_options.deepcopy_host_arrays = False
+      if DATA_FILE_BYTES is not None:
+        self._ctx.array.saving.ocdbt_target_data_file_size = DATA_FILE_BYTES
+      self._patches.enter_context(_host_leaves_written_by_chunk())
     return self._ctx
 
   def make_room(self, nbytes: int) -> None:
@@ -429,6 +474,7 @@ class ParamsWriter:
         pass
     self.recycler.close()
     self.syncer.shutdown(wait=True)
+    self._patches.close()
 
   def finalize(self, dest: str) -> None:
     """Moves the finished tree to `dest` (a step's `params` folder)."""
