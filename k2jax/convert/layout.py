@@ -5,10 +5,12 @@ so `--checkpoint` / `init_from` load it; OUT/hf/ keeps the source's small files 
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import functools
 import itertools
+import math
 import os
 import shutil
 import threading
@@ -284,6 +286,9 @@ BATCH_BYTES = 256 << 20  # leaves gathered into one Orbax save (each save has a 
 # Orbax's target size of a data file, which also caps a stored chunk (None: Orbax's own, 2 GiB on a local
 # disk). A leaf over it is stored in several chunks: every routed-expert stack of the 1T model is.
 DATA_FILE_BYTES: int | None = None
+# A leaf in several chunks is written this many bytes of chunks at a time (small chunks one by one would
+# wait on each write in turn).
+WRITE_WINDOW_BYTES = 64 << 20
 
 
 def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:
@@ -328,13 +333,20 @@ def chunk_regions(shape, chunk) -> list[tuple[slice, ...]]:
   return [tuple(slice(s, min(s + c, n)) for s, c, n in zip(st, chunk, shape)) for st in starts]
 
 
+def _groups(items: list, item_bytes: int, window: int) -> list[list]:
+  """`items` in consecutive groups of at most `window` bytes (one item at least)."""
+  n = max(1, window // max(item_bytes, 1))
+  return [items[i:i + n] for i in range(0, len(items), n)]
+
+
 @contextlib.contextmanager
 def _host_leaves_written_by_chunk():
   """Orbax writes a host (numpy) leaf with one tensorstore write. Where the leaf is stored in several
   chunks (over `DATA_FILE_BYTES`: the 1T model's expert stacks, 177 GiB in 2 GiB chunks), tensorstore
   then copies all of it into its chunk cache before writing any (peak RSS 1.5x the leaf over the slabs,
-  benchmarks/NOTES.md); written a chunk at a time, the copy is of one chunk. A leaf in one chunk is
-  written as before. Installed while a `ParamsWriter` is open (its saves run in the background)."""
+  benchmarks/NOTES.md); written a group of chunks of up to WRITE_WINDOW_BYTES at a time (one chunk at
+  least), the copy is of that group. A leaf in one chunk is written as before. Installed while a
+  `ParamsWriter` is open (its saves run in the background)."""
   try:
     import tensorstore as ts  # noqa: PLC0415
     from orbax.checkpoint._src.serialization import type_handlers  # noqa: PLC0415
@@ -349,8 +361,8 @@ def _host_leaves_written_by_chunk():
     if chunk == tuple(t.shape):
       await t.write(value, can_reference_source_data_indefinitely=True)
       return
-    for region in chunk_regions(t.shape, chunk):
-      await t[region].write(value[region], can_reference_source_data_indefinitely=True)
+    for group in _groups(chunk_regions(t.shape, chunk), value.dtype.itemsize * math.prod(chunk), WRITE_WINDOW_BYTES):
+      await asyncio.gather(*(t[r].write(value[r], can_reference_source_data_indefinitely=True) for r in group))
 
   type_handlers.NumpyHandler._open_and_write = open_and_write
   try:
