@@ -510,6 +510,37 @@ def test_sharded_conversion_writes_the_same_checkpoint(k2t, converted, tmp_path)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_host_leaves_are_stored_in_whole_slices_along_their_leading_axes(k2t, tmp_path, monkeypatch):
+  """Leaves over the chunk size are stored in chunks of whole layers (or layer x expert slices where a
+  layer is too large, never slivers under the minimum); the result round-trips bit for bit. On the 1T
+  shapes: an INT4 expert stack [60, 384, 4, 224, 2048] one (layer, expert) a chunk (7 MiB), its scales
+  one layer (the expert's 0.9 MiB is under the minimum), the embedding left to Orbax (rows are tiny)."""
+  import orbax.checkpoint as ocp
+  assert layout.chunk_axes((60, 384, 4, 224, 2048), 4) == (0, 1)
+  assert layout.chunk_axes((60, 384, 224, 2048), 2) == (0,)
+  assert layout.chunk_axes((163840, 7168), 2) is None
+  assert layout.chunk_axes((9, 64, 32, 2048), 2) is None  # within one chunk
+  monkeypatch.setattr(layout, "CHUNK_BYTES", 12 << 10)
+  monkeypatch.setattr(layout, "MIN_CHUNK_BYTES", 1 << 10)
+  out = str(tmp_path / "chunked")
+  convert(k2t, out, progress=False)
+  meta = ocp.PyTreeCheckpointer().metadata(os.path.join(out, "checkpoints", "0", "params"))
+  meta = getattr(meta, "item_metadata", meta)
+  seen = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(meta)[0]:
+    axes = layout.chunk_axes(leaf.shape, np.dtype(leaf.dtype).itemsize)
+    if axes is None:
+      continue
+    seen += 1
+    chunk = leaf.storage.chunk_shape
+    assert all(chunk[a] == 1 for a in axes), (path, leaf.shape, chunk)
+    assert chunk[len(axes):] == leaf.shape[len(axes):], (path, leaf.shape, chunk)
+  assert seen >= 8  # every expert stack's words, the head, the attention outputs, ...
+  back = str(tmp_path / "back")
+  export(out, back, progress=False)
+  _assert_same_tensors(k2t, back)
+
+
 def test_chunk_regions_tile_an_array_once():
   shape, chunk = (5, 7, 3), (2, 3, 3)
   seen = np.zeros(shape, np.int32)
