@@ -24,7 +24,6 @@ from k2jax.safetensors_io import DTYPES, Checkpoint
 
 _NAMES = {v: k for k, v in DTYPES.items()}
 _SPEED_PROBE_BYTES = 64 << 20
-ORBAX_DATA_FILE_BYTES = 2 << 30  # Orbax's data-file target on a local disk, the largest chunk it stores
 
 
 def hf_tensor_specs(c: K2Config, form: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -139,9 +138,9 @@ def plan_convert(source: str, output_dir: str | None = None, dtype: str = "bfloa
       "leaves_out": len(leaf_sizes), "bytes_out": out_bytes, "largest_leaf": list(largest_leaf),
       "largest_input_file": largest_file,
       # Two slabs (a batch being written, the next assembled), the slice being read (dequantised to
-      # fp32 at worst) and its cast, and the stored chunk being written (tensorstore's copy of it).
+      # fp32 at worst) and its cast, and the stored chunks being written (tensorstore's copy of them).
       "peak_host_bytes": (2 * max(largest_leaf[1], layout.BATCH_BYTES) + 3 * largest_tensor
-                          + min(largest_leaf[1], layout.DATA_FILE_BYTES or ORBAX_DATA_FILE_BYTES)),
+                          + min(largest_leaf[1], max(layout.WRITE_WINDOW_BYTES, layout.CHUNK_BYTES))),
       "layout": [f"{output_dir or 'OUT'}/checkpoints/0/params   Orbax tree, {len(leaf_sizes)} leaves "
                  f"({'INT4 experts as packed int32 + scales, ' if form == 'int4' else ''}{dtype} elsewhere, "
                  "router bias fp32)",
