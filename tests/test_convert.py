@@ -26,13 +26,13 @@ C = presets.TINY
 TOKENIZER = os.path.join(os.path.dirname(hf.__file__), "assets", "tiny_tokenizer")
 
 
-def _k2_thinking_dir(folder, seed=0, max_shard_bytes=400_000):
+def _k2_thinking_dir(folder, seed=0, max_shard_bytes=400_000, c=C):
   """A K2-Thinking-format checkpoint in several shards: bf16 weights, fp32 router bias, INT4 experts, the
   config.json fields a real release carries, and tokenizer files."""
-  p = params.quantize_experts(params.cast(host_params(C, seed), jnp.bfloat16))
+  p = params.quantize_experts(params.cast(host_params(c, seed), jnp.bfloat16))
   p["moe_layers"]["moe"]["router_bias_e"] = np.random.default_rng(seed).normal(
       size=p["moe_layers"]["moe"]["router_bias_e"].shape).astype(np.float32)
-  hf.save_hf(p, C, folder, max_shard_bytes=max_shard_bytes)
+  hf.save_hf(p, c, folder, max_shard_bytes=max_shard_bytes)
   cfg = json.load(open(os.path.join(folder, "config.json")))
   cfg.update({"model_type": "kimi_k2", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
               "torch_dtype": "bfloat16", "transformers_version": "4.57.1", "num_nextn_predict_layers": 0})
@@ -46,6 +46,12 @@ def _k2_thinking_dir(folder, seed=0, max_shard_bytes=400_000):
 @pytest.fixture(scope="module")
 def k2t(tmp_path_factory):
   return _k2_thinking_dir(str(tmp_path_factory.mktemp("k2t") / "hf"))
+
+
+@pytest.fixture(scope="module")
+def k2t_deep(tmp_path_factory):
+  """8 MoE layers: more than a stream lets its reader run ahead of its writer."""
+  return _k2_thinking_dir(str(tmp_path_factory.mktemp("k2t_deep") / "hf"), c=C.replace(num_hidden_layers=9))
 
 
 @pytest.fixture(scope="module")
@@ -520,8 +526,7 @@ def test_host_leaves_are_stored_in_whole_slices_along_their_leading_axes(k2t, tm
   assert layout.chunk_axes((60, 384, 224, 2048), 2) == (0,)
   assert layout.chunk_axes((163840, 7168), 2) is None
   assert layout.chunk_axes((9, 64, 32, 2048), 2) is None  # within one chunk
-  monkeypatch.setattr(layout, "CHUNK_BYTES", 12 << 10)
-  monkeypatch.setattr(layout, "MIN_CHUNK_BYTES", 1 << 10)
+  _small_chunks(monkeypatch)
   out = str(tmp_path / "chunked")
   convert(k2t, out, progress=False)
   meta = ocp.PyTreeCheckpointer().metadata(os.path.join(out, "checkpoints", "0", "params"))
@@ -539,6 +544,79 @@ def test_host_leaves_are_stored_in_whole_slices_along_their_leading_axes(k2t, tm
   back = str(tmp_path / "back")
   export(out, back, progress=False)
   _assert_same_tensors(k2t, back)
+
+
+def _small_chunks(monkeypatch):
+  """Chunk sizes at which the tiny model's stacked leaves are large: stored in layers, streamed."""
+  monkeypatch.setattr(layout, "CHUNK_BYTES", 12 << 10)
+  monkeypatch.setattr(layout, "MIN_CHUNK_BYTES", 1 << 10)
+  monkeypatch.setattr(layout, "WRITE_WINDOW_BYTES", 8 << 10)
+
+
+def test_large_leaves_are_written_while_read_a_few_layers_in_memory(k2t_deep, tmp_path, monkeypatch):
+  from k2jax.convert import streaming
+  deep = k2t_deep
+  converted = str(tmp_path / "whole")
+  convert(deep, converted, progress=False)  # at the real sizes nothing here streams
+  _small_chunks(monkeypatch)
+  made = []
+
+  class Recorded(streaming.RowStream):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+  monkeypatch.setattr(streaming, "RowStream", Recorded)
+  out = str(tmp_path / "streamed")
+  convert(deep, out, progress=False)
+  assert len(made) >= 6  # the expert stacks, the attention projections, ...
+  for stream in made:
+    assert stream.ready == stream.rows and all(w == stream.rows for w in stream.written.values())
+    assert 1 <= stream.most_resident <= stream.ahead  # never the whole leaf filled and unwritten
+    assert all(r >= a.nbytes - a.nbytes % 4096 for r, a in zip(stream.released.values(), stream.arrays))
+  assert any(stream.ahead < stream.rows for stream in made)  # held back: not the whole leaf ahead
+  assert not streaming._streams  # every stream let go of its arrays
+  a, _ = checkpointing.load_params_for_inference(out, jnp.bfloat16)
+  b, _ = checkpointing.load_params_for_inference(converted, jnp.bfloat16)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.mark.parametrize("side", ["read", "write"])
+def test_a_streamed_leaf_whose_read_or_write_fails_stops_both_and_leaves_nothing(k2t_deep, tmp_path, monkeypatch,
+                                                                                  side):
+  import threading
+
+  from k2jax.convert import reading, streaming
+  _small_chunks(monkeypatch)
+  real_views, real_wrote = reading.slice_views, streaming.RowStream.wrote
+
+  def failing_read(leaf, ckpt, layer, expert, keep):
+    if leaf.experts and layer == 1:
+      raise OSError(f"disk gone reading {leaf.path}")
+    return real_views(leaf, ckpt, layer, expert, keep)
+
+  def failing_write(self, value, rows):
+    if rows < self.rows:
+      raise OSError("disk full writing")
+    real_wrote(self, value, rows)
+  if side == "read":
+    monkeypatch.setattr(reading, "slice_views", failing_read)
+  else:
+    monkeypatch.setattr(streaming.RowStream, "wrote", failing_write)
+  out, errors = tmp_path / "out", []
+
+  def run():
+    try:
+      convert(k2t_deep, str(out), progress=False)
+    except Exception as e:  # noqa: BLE001
+      errors.append(e)
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(300)
+  assert not thread.is_alive(), "the conversion hung"
+  assert len(errors) == 1 and ("disk gone" if side == "read" else "disk full") in str(errors[0]), errors
+  assert not out.exists() and not streaming._streams
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 
 def test_chunk_regions_tile_an_array_once():
@@ -815,6 +893,9 @@ def test_dry_run_of_the_1t_model_from_config_json_alone(tmp_path):
   # 3 shared-expert linears; the dense layer: 7 + 2 + 3; embedding, final norm, lm_head.
   assert plan["tensors_in"] == 60 * (384 * 3 * 3 + 14) + 12 + 3
   assert plan["largest_leaf"][0].startswith("moe_layers/moe/experts/")
+  # An expert stack is written while it is read, a few layers in memory: ~20 GiB, not 2 x the 177 GiB stack.
+  layer = plan["largest_leaf"][1] // 60
+  assert 3 * layer < plan["peak_host_bytes"] < 3 * layer + 16 * 2**30
   ex = plan_export(str(cfg), str(tmp_path / "hf"), measure=False)
   assert ex["bytes_out"]["I32"] == experts // 2 and ex["bytes_out"]["I64"] == 60 * 384 * 3 * 16
   # A stacked leaf is restored a layer (here) at a time, never whole: ~12 GB, not 2 x the 190 GB stack.

@@ -10,11 +10,12 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 
 from k2jax import hf
 from k2jax import params as params_lib
 from k2jax.config import K2Config
-from k2jax.convert import layout, reading
+from k2jax.convert import layout, reading, streaming
 from k2jax.safetensors_io import Checkpoint
 
 
@@ -36,6 +37,31 @@ def _frozen_gc():
     yield
   finally:
     gc.unfreeze()
+
+
+def _streams(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> bool:
+  """Whether a leaf is written while it is read: a stacked one with an array stored in several chunks
+  (`layout.chunk_axes`), as every large leaf is; its host memory is then a few layers."""
+  return leaf.layer0 is not None and any(
+      layout.chunk_axes(shape, np.dtype(dt).itemsize) is not None
+      for shape, dt in reading.leaf_arrays(leaf, ckpt, dtype, keep_int4))
+
+
+def _convert_streamed(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, writer: layout.ParamsWriter,
+                      readers, bar: layout.ByteBar) -> int:
+  """One large leaf, its write started first and fed layer by layer as the layers are read; returns its
+  bytes."""
+  from k2jax import int4  # noqa: PLC0415
+  rows = leaf.spec.shape[0]
+  stream = streaming.RowStream(rows, sum(1 for s in leaf.slices() if s[0] == 0), layout.WRITE_WINDOW_BYTES)
+  arrays = [stream.empty(shape, dt, gated=layout.chunk_axes(shape, np.dtype(dt).itemsize) is not None)
+            for shape, dt in reading.leaf_arrays(leaf, ckpt, dtype, keep_int4)]
+  given = iter(arrays)
+  with stream:
+    writer.write_streamed(leaf.path, int4.QuantizedWeight(*arrays) if keep_int4 else arrays[0])
+    reading.read_leaf(leaf, ckpt, dtype, keep_int4, lambda shape, dt: next(given), readers, bar.update,
+                      stream=stream)
+  return sum(a.nbytes for a in arrays)
 
 
 def _shardings(c: K2Config, mesh, dtype, int4_experts: bool) -> dict[str, Any]:
@@ -89,6 +115,9 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
       for leaf in (by_path[p] for p in layout.write_order(spans, writer.batch_bytes)):
         bar.leaf(leaf.path)
         keep = leaf.path in int4_leaves
+        if shardings is None and _streams(leaf, ckpt, dt, keep):
+          written += _convert_streamed(leaf, ckpt, dt, keep, writer, readers, bar)
+          continue
         writer.make_room(spans[leaf.path])
         if shardings is None:
           value = reading.read_leaf(leaf, ckpt, dt, keep, writer.empty, readers, bar.update)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from k2jax import int4
+from k2jax.convert import streaming
 from k2jax.hf import set_path
 
 STEP = 0
@@ -390,13 +391,31 @@ def _host_leaves_written_by_chunk():
     return
 
   async def open_and_write(self, value, tspec, ts_context):
+    stream = streaming.stream_of(value)  # a leaf being read while it is written: wait for its rows
+    try:
+      await write(value, tspec, ts_context, stream)
+    except BaseException as error:
+      if stream is not None:  # its reader, held back by this write, must not wait for it
+        stream.fail(error)
+      raise
+
+  async def write(value, tspec, ts_context, stream):
     t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
     chunk = tuple(t.chunk_layout.write_chunk.shape)
     if chunk == tuple(t.shape):
+      if stream is not None:
+        await asyncio.to_thread(stream.wait_ready, stream.rows)
       await t.write(value, can_reference_source_data_indefinitely=True)
+      if stream is not None:
+        stream.wrote(value, stream.rows)
       return
-    for group in _groups(chunk_regions(t.shape, chunk), value.dtype.itemsize * math.prod(chunk), WRITE_WINDOW_BYTES):
+    groups = _groups(chunk_regions(t.shape, chunk), value.dtype.itemsize * math.prod(chunk), WRITE_WINDOW_BYTES)
+    for i, group in enumerate(groups):
+      if stream is not None:
+        await asyncio.to_thread(stream.wait_ready, max(r[0].stop for r in group))
       await asyncio.gather(*(t[r].write(value[r], can_reference_source_data_indefinitely=True) for r in group))
+      if stream is not None:  # rows before the next group's first are written
+        stream.wrote(value, groups[i + 1][0][0].start if i + 1 < len(groups) else stream.rows)
 
   type_handlers.NumpyHandler._open_and_write = open_and_write
   try:
@@ -473,6 +492,14 @@ class ParamsWriter:
     set_path(self.pending, leaf_path, value)
     self.pending_bytes += nbytes(value)
     if self.pending_bytes >= self.batch_bytes:
+      self.flush()
+
+  def write_streamed(self, leaf_path: str, value: Any) -> None:
+    """Starts writing a leaf that is still being read (its arrays from a `streaming.RowStream`, which
+    the writer waits on row by row): the pending batch goes first, then this leaf alone."""
+    self.flush()
+    self.write(leaf_path, value)
+    if self.pending:  # `write` flushed it already if it was over a batch
       self.flush()
 
   def flush(self) -> None:

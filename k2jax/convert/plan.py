@@ -19,7 +19,7 @@ import numpy as np
 from k2jax import hf, int4
 from k2jax import params as params_lib
 from k2jax.config import K2Config
-from k2jax.convert import layout
+from k2jax.convert import layout, streaming
 from k2jax.safetensors_io import DTYPES, Checkpoint
 
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -106,6 +106,28 @@ def _leaf_sizes(specs) -> dict[str, int]:
   return dict(out)
 
 
+def _leaves_host_bytes(c: K2Config, specs) -> int:
+  """Host memory a one-host conversion holds for leaves: two slabs for those read whole (a batch being
+  written, the next assembled), a few layers of a stacked leaf stored in several chunks (written while
+  it is read, `streaming`), and the group of chunks being written (tensorstore's copy of it)."""
+  stacked = {leaf.path for leaf in hf.leaves(c) if leaf.layer0 is not None}
+  arrays: dict[str, list[tuple[tuple[int, ...], int]]] = collections.defaultdict(list)
+  for name, shape, dt in specs:
+    arrays[_leaf_of(name)].append((shape, DTYPES[dt].itemsize))
+  whole, streamed = [layout.BATCH_BYTES], [0]
+  for path, arrs in arrays.items():
+    gated = [layout.chunk_axes(shape, size) is not None for shape, size in arrs]
+    if path in stacked and any(gated):
+      rows = arrs[0][0][0]
+      row_bytes = [math.prod(shape) * size // rows for shape, size in arrs]
+      ahead = streaming.rows_ahead([b for b, g in zip(row_bytes, gated) if g], layout.WRITE_WINDOW_BYTES)
+      streamed.append(sum(ahead * b if g else rows * b for b, g in zip(row_bytes, gated)))
+    else:
+      whole.append(sum(math.prod(shape) * size for shape, size in arrs))
+  group = max(layout.WRITE_WINDOW_BYTES, layout.CHUNK_BYTES)
+  return 2 * max(whole) + max(streamed) + group
+
+
 def plan_convert(source: str, output_dir: str | None = None, dtype: str = "bfloat16",
                  measure: bool = True) -> dict[str, Any]:
   """The plan of `convert(source, output_dir)`. `source`: an HF folder (headers are read when its
@@ -137,10 +159,8 @@ def plan_convert(source: str, output_dir: str | None = None, dtype: str = "bfloa
       "weights_present": have_weights, "tensors_in": len(specs_in), "bytes_in": in_bytes,
       "leaves_out": len(leaf_sizes), "bytes_out": out_bytes, "largest_leaf": list(largest_leaf),
       "largest_input_file": largest_file,
-      # Two slabs (a batch being written, the next assembled), the slice being read (dequantised to
-      # fp32 at worst) and its cast, and the stored chunks being written (tensorstore's copy of them).
-      "peak_host_bytes": (2 * max(largest_leaf[1], layout.BATCH_BYTES) + 3 * largest_tensor
-                          + min(largest_leaf[1], max(layout.WRITE_WINDOW_BYTES, layout.CHUNK_BYTES))),
+      # The leaves' host memory, the slice being read (dequantised to fp32 at worst) and its cast.
+      "peak_host_bytes": _leaves_host_bytes(c, specs_out) + 3 * largest_tensor,
       "layout": [f"{output_dir or 'OUT'}/checkpoints/0/params   Orbax tree, {len(leaf_sizes)} leaves "
                  f"({'INT4 experts as packed int32 + scales, ' if form == 'int4' else ''}{dtype} elsewhere, "
                  "router bias fp32)",

@@ -65,11 +65,42 @@ def leaf_arrays(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> list
   return [(batch + per, np.dtype(leaf.spec.dtype or dtype))]
 
 
+def _streamed(slices, one: Callable, pool, stream, on_slice):
+  """Slices submitted as the stream admits their layers; the bytes of those done, as they finish in
+  order (the progress bar moves while a large leaf streams)."""
+  futures: list[concurrent.futures.Future] = []
+  reported = 0
+  try:
+    for s in slices:
+      stream.admit(s[0])
+      futures.append(pool.submit(one, *s) if pool is not None else _done(one(*s)))
+      while reported < len(futures) and futures[reported].done():
+        n = futures[reported].result()
+        reported += 1
+        if on_slice is not None:
+          on_slice(n)
+  except BaseException:
+    for f in futures:
+      f.cancel()
+    concurrent.futures.wait(futures)
+    raise
+  return _results(futures[reported:])
+
+
+def _done(value) -> concurrent.futures.Future:
+  f: concurrent.futures.Future = concurrent.futures.Future()
+  f.set_result(value)
+  return f
+
+
 def read_leaf(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, empty: Callable = np.empty,
-              pool: concurrent.futures.Executor | None = None, on_slice: Callable[[int], None] | None = None):
+              pool: concurrent.futures.Executor | None = None, on_slice: Callable[[int], None] | None = None,
+              stream=None):
   """A whole leaf in host memory (numpy, or an INT4 QuantizedWeight of numpy) in buffers from
   `empty(shape, dtype)`, each slice read and copied into place once, slices in parallel on `pool`.
-  `on_slice(n)`: called with the checkpoint bytes of each slice done (progress)."""
+  `on_slice(n)`: called with the checkpoint bytes of each slice done (progress). `stream`: a
+  `streaming.RowStream` over the buffers, being written meanwhile: a layer's slices are read only once
+  it admits them, and each one done is reported to it."""
   outs = tuple(empty(shape, dt) for shape, dt in leaf_arrays(leaf, ckpt, dtype, keep_int4))
 
   def one(layer, expert) -> int:
@@ -78,10 +109,14 @@ def read_leaf(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, empty: Ca
       (copy_words_to_packed if keep_int4 and i == 0 else copy_into)(o[pos], part)
     names = hf.slice_tensor_names(leaf, ckpt, layer, expert)
     ckpt.release(names)  # copied: a mapped slice's pages need not stay resident
+    if stream is not None:
+      stream.slice_done(layer)
     return sum(ckpt.nbytes(t) for t in names)
 
   slices = list(leaf.slices())
-  if pool is None or len(slices) == 1:
+  if stream is not None:
+    done = _streamed(slices, one, pool, stream, on_slice)
+  elif pool is None or len(slices) == 1:
     done = (one(*s) for s in slices)
   else:
     futures = [pool.submit(one, *s) for s in slices]
