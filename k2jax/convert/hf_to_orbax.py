@@ -103,19 +103,23 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   # Host bytes of each leaf as read (the mesh path reads into jax arrays instead).
   spans = {leaf.path: layout.Slabs.span_of(reading.leaf_arrays(leaf, ckpt, dt, leaf.path in int4_leaves))
            for leaf in all_leaves}
+  # Large stacked leaves are written while they are read (one host); the slabs hold the others.
+  streamed = {leaf.path for leaf in all_leaves
+              if mesh is None and _streams(leaf, ckpt, dt, leaf.path in int4_leaves)}
   ckpt = ckpt.mapped()
   bar = layout.ByteBar(total, "converting", progress)
   written = 0
   try:
     with (layout.Staging(output_dir) as stage,
-          layout.ParamsWriter(stage.tmp, largest_leaf=0 if mesh else max(spans.values())) as writer,
+          layout.ParamsWriter(stage.tmp, largest_leaf=0 if mesh else max(
+              [n for p, n in spans.items() if p not in streamed], default=0)) as writer,
           concurrent.futures.ThreadPoolExecutor(reading.workers(), "k2-convert-read") as readers,
           _frozen_gc()):
       by_path = {leaf.path: leaf for leaf in all_leaves}
       for leaf in (by_path[p] for p in layout.write_order(spans, writer.batch_bytes)):
         bar.leaf(leaf.path)
         keep = leaf.path in int4_leaves
-        if shardings is None and _streams(leaf, ckpt, dt, keep):
+        if leaf.path in streamed:
           written += _convert_streamed(leaf, ckpt, dt, keep, writer, readers, bar)
           continue
         writer.make_room(spans[leaf.path])
