@@ -53,7 +53,8 @@ def _convert_streamed(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, w
   bytes."""
   from k2jax import int4  # noqa: PLC0415
   rows = leaf.spec.shape[0]
-  stream = streaming.RowStream(rows, sum(1 for s in leaf.slices() if s[0] == 0), layout.WRITE_WINDOW_BYTES)
+  stream = streaming.RowStream(rows, sum(1 for s in leaf.slices() if s[0] == 0), layout.WRITE_WINDOW_BYTES,
+                               layout.STREAM_AHEAD_BYTES)
   arrays = [stream.empty(shape, dt, gated=layout.chunk_axes(shape, np.dtype(dt).itemsize) is not None)
             for shape, dt in reading.leaf_arrays(leaf, ckpt, dtype, keep_int4)]
   given = iter(arrays)

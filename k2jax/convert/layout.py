@@ -298,6 +298,8 @@ DATA_FILE_BYTES: int | None = None
 # A leaf in several chunks is written this many bytes of chunks at a time (small chunks one by one would
 # wait on each write in turn).
 WRITE_WINDOW_BYTES = 64 << 20
+# How far the reader of a leaf written while it is read may run ahead of its writer (`streaming`).
+STREAM_AHEAD_BYTES = 256 << 20
 
 
 def write_order(sizes: dict[str, int], batch_bytes: int) -> list[str]:

@@ -120,7 +120,8 @@ def _leaves_host_bytes(c: K2Config, specs) -> int:
     if path in stacked and any(gated):
       rows = arrs[0][0][0]
       row_bytes = [math.prod(shape) * size // rows for shape, size in arrs]
-      ahead = streaming.rows_ahead([b for b, g in zip(row_bytes, gated) if g], layout.WRITE_WINDOW_BYTES)
+      ahead = streaming.rows_ahead([b for b, g in zip(row_bytes, gated) if g], layout.WRITE_WINDOW_BYTES,
+                                   layout.STREAM_AHEAD_BYTES)
       streamed.append(sum(ahead * b if g else rows * b for b, g in zip(row_bytes, gated)))
     else:
       whole.append(sum(math.prod(shape) * size for shape, size in arrs))

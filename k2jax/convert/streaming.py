@@ -18,10 +18,11 @@ _streams: dict[int, "RowStream"] = {}  # data address of a streamed array -> its
 _lock = threading.Lock()
 
 
-def rows_ahead(gated_row_bytes, window: int) -> int:
+def rows_ahead(gated_row_bytes, window: int, ahead_bytes: int = 0) -> int:
   """Rows the reader may fill past the last one written: a whole group of chunks (up to `window` bytes)
-  must be filled before it is written, and one row more keeps the reader busy meanwhile."""
-  return max([2] + [2 + -(-window // max(b, 1)) for b in gated_row_bytes])
+  must be filled before it is written, one row more keeps the reader busy meanwhile, and up to
+  `ahead_bytes` of rows let reading and writing run at their own pace."""
+  return max([2] + [max(2 + -(-window // max(b, 1)), ahead_bytes // max(b, 1)) for b in gated_row_bytes])
 
 
 def _address(a: np.ndarray) -> int:
@@ -46,9 +47,10 @@ class RowStream:
   once every gated array has been written up to r - ahead; an array in one chunk is written once every
   row is filled, and never holds the reader."""
 
-  def __init__(self, rows: int, slices_per_row: int, ahead_bytes: int):
+  def __init__(self, rows: int, slices_per_row: int, window: int, ahead_bytes: int = 0):
     self.rows = rows
     self.slices_per_row = slices_per_row
+    self.window = window
     self.ahead_bytes = ahead_bytes
     self.cond = threading.Condition()
     self.left = [slices_per_row] * rows  # slices of each row still being read
@@ -74,7 +76,7 @@ class RowStream:
     self.released[address] = 0
     if gated:
       self.written[address] = 0
-      self.ahead = max(self.ahead, rows_ahead([a.nbytes // self.rows], self.ahead_bytes))
+      self.ahead = max(self.ahead, rows_ahead([a.nbytes // self.rows], self.window, self.ahead_bytes))
     return a
 
   def __enter__(self) -> "RowStream":
