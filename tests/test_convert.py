@@ -551,6 +551,7 @@ def _small_chunks(monkeypatch):
   monkeypatch.setattr(layout, "CHUNK_BYTES", 12 << 10)
   monkeypatch.setattr(layout, "MIN_CHUNK_BYTES", 1 << 10)
   monkeypatch.setattr(layout, "WRITE_WINDOW_BYTES", 8 << 10)
+  monkeypatch.setattr(layout, "STREAM_AHEAD_BYTES", 0)
 
 
 def test_large_leaves_are_written_while_read_a_few_layers_in_memory(k2t_deep, tmp_path, monkeypatch):
