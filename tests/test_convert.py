@@ -582,6 +582,20 @@ def test_large_leaves_are_written_while_read_a_few_layers_in_memory(k2t_deep, tm
     np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
 
 
+def test_without_the_chunk_writer_large_leaves_are_read_whole_then_written(k2t, converted, tmp_path, monkeypatch):
+  # Another Orbax, whose host-array write is not the one replaced: nothing would wait on a stream's rows.
+  from k2jax.convert import streaming
+  _small_chunks(monkeypatch)
+  monkeypatch.setattr(layout.ParamsWriter, "streams", lambda self: False)
+  monkeypatch.setattr(streaming, "RowStream", lambda *a, **k: pytest.fail("streamed without the writer"))
+  out = str(tmp_path / "whole")
+  convert(k2t, out, progress=False)
+  a, _ = checkpointing.load_params_for_inference(out, jnp.bfloat16)
+  b, _ = checkpointing.load_params_for_inference(converted, jnp.bfloat16)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
 @pytest.mark.parametrize("side", ["read", "write"])
 def test_a_streamed_leaf_whose_read_or_write_fails_stops_both_and_leaves_nothing(k2t_deep, tmp_path, monkeypatch,
                                                                                   side):

@@ -120,7 +120,7 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
       for leaf in (by_path[p] for p in layout.write_order(spans, writer.batch_bytes)):
         bar.leaf(leaf.path)
         keep = leaf.path in int4_leaves
-        if leaf.path in streamed:
+        if leaf.path in streamed and writer.streams():
           written += _convert_streamed(leaf, ckpt, dt, keep, writer, readers, bar)
           continue
         writer.make_room(spans[leaf.path])

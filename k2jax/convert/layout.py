@@ -389,7 +389,7 @@ def _host_leaves_written_by_chunk():
     from orbax.checkpoint._src.serialization import type_handlers  # noqa: PLC0415
     real = type_handlers.NumpyHandler._open_and_write
   except (ImportError, AttributeError):  # another Orbax: whole-leaf writes (more memory, same result)
-    yield
+    yield False
     return
 
   async def open_and_write(self, value, tspec, ts_context):
@@ -421,7 +421,7 @@ def _host_leaves_written_by_chunk():
 
   type_handlers.NumpyHandler._open_and_write = open_and_write
   try:
-    yield
+    yield True
   finally:
     type_handlers.NumpyHandler._open_and_write = real
 
@@ -457,6 +457,7 @@ class ParamsWriter:
     self.recycler = Recycler(functools.partial(save_folders, self.path), skip=self.synced,
                              skip_dirs=self.finished_dirs)
     self._ctx = None
+    self._streams = False
     self._patches = contextlib.ExitStack()
     # Orbax's import (~0.4 s, Python) runs while the first leaves are read (numpy, without the GIL).
     self._orbax = self.syncer.submit(import_orbax)
@@ -474,7 +475,7 @@ class ParamsWriter:
       if DATA_FILE_BYTES is not None:
         self._ctx.array.saving.ocdbt_target_data_file_size = DATA_FILE_BYTES
       self._ctx.array.saving.scoped_storage_options_creator = _storage_options
-      self._patches.enter_context(_host_leaves_written_by_chunk())
+      self._streams = self._patches.enter_context(_host_leaves_written_by_chunk())
     return self._ctx
 
   def make_room(self, nbytes: int) -> None:
@@ -495,6 +496,11 @@ class ParamsWriter:
     self.pending_bytes += nbytes(value)
     if self.pending_bytes >= self.batch_bytes:
       self.flush()
+
+  def streams(self) -> bool:
+    """Whether a leaf can be written while it is read (`write_streamed`): this Orbax's host-array write
+    is the one replaced by the chunk-group writer, which waits on a stream's rows."""
+    return self.ctx is not None and self._streams
 
   def write_streamed(self, leaf_path: str, value: Any) -> None:
     """Starts writing a leaf that is still being read (its arrays from a `streaming.RowStream`, which
