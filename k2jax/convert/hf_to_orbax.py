@@ -81,7 +81,8 @@ def convert(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", mesh=None,
   Every tensor's presence, shape and dtype is checked from the headers before anything is written;
   values are checked finite while streaming (`check_finite`). INT4 routed experts stay INT4 (int32 words
   + their scales); other float weights are stored in `dtype` (FP8 dequantised), the router bias in fp32.
-  Host memory peaks near one leaf (its local shards under `mesh`) plus one slice being read.
+  Host memory: a few layers of a large stacked leaf (written while it is read, `streaming`), two slabs of
+  the other leaves (under `mesh`: one leaf's local shards), and the slice being read.
   """
   dt = params_lib.dtype_from_name(dtype)
   if not os.path.isdir(hf_dir):
