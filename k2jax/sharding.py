@@ -86,6 +86,11 @@ def use_mesh(mesh: Mesh, rules: Mapping[str, object] | None = None) -> Iterator[
     _state.ctx = prev
 
 
+def on_mesh(mesh: Mesh | None, rules: Mapping[str, object] | None = None):
+  """`use_mesh(mesh, rules)`, or no context at all for `mesh=None` (one device)."""
+  return use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext()
+
+
 def current() -> tuple[Mesh, dict] | None:
   return getattr(_state, "ctx", None)
 

@@ -39,12 +39,16 @@ def _frozen_gc():
     gc.unfreeze()
 
 
+def _sliced(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> list[bool]:
+  """`layout.sliced` of the host arrays the leaf is read into."""
+  arrays = reading.leaf_arrays(leaf, ckpt, dtype, keep_int4)
+  return layout.sliced((shape, np.dtype(dt).itemsize) for shape, dt in arrays)
+
+
 def _streams(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool) -> bool:
-  """Whether a leaf is written while it is read: a stacked one with an array stored in several chunks
-  (`layout.chunk_axes`), as every large leaf is; its host memory is then a few layers."""
-  return leaf.layer0 is not None and any(
-      layout.chunk_axes(shape, np.dtype(dt).itemsize) is not None
-      for shape, dt in reading.leaf_arrays(leaf, ckpt, dtype, keep_int4))
+  """Whether a leaf is written while it is read: a stacked one with an array stored in several chunks,
+  as every large leaf is; its host memory is then a few layers."""
+  return leaf.layer0 is not None and any(_sliced(leaf, ckpt, dtype, keep_int4))
 
 
 def _convert_streamed(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, writer: layout.ParamsWriter,
@@ -55,8 +59,8 @@ def _convert_streamed(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, w
   rows = leaf.spec.shape[0]
   stream = streaming.RowStream(rows, sum(1 for s in leaf.slices() if s[0] == 0), layout.WRITE_WINDOW_BYTES,
                                layout.STREAM_AHEAD_BYTES)
-  arrays = [stream.empty(shape, dt, gated=layout.chunk_axes(shape, np.dtype(dt).itemsize) is not None)
-            for shape, dt in reading.leaf_arrays(leaf, ckpt, dtype, keep_int4)]
+  arrays = [stream.empty(shape, dt, gated=gated) for (shape, dt), gated in
+            zip(reading.leaf_arrays(leaf, ckpt, dtype, keep_int4), _sliced(leaf, ckpt, dtype, keep_int4))]
   given = iter(arrays)
   with stream:
     writer.write_streamed(leaf.path, int4.QuantizedWeight(*arrays) if keep_int4 else arrays[0])

@@ -352,6 +352,12 @@ def chunk_axes(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
   return tuple(range(len(shape) - 1)) or None
 
 
+def sliced(arrays) -> list[bool]:
+  """For each host array, given as (shape, itemsize), whether it is stored in slices along its leading
+  axes (`chunk_axes`), so in several chunks: a stacked leaf with one is written while it is read."""
+  return [chunk_axes(tuple(shape), itemsize) is not None for shape, itemsize in arrays]
+
+
 def _storage_options(keypath, value):
   """Orbax's per-leaf storage options: host leaves chunked by `chunk_axes` (None: the context's defaults;
   a jax.Array, written shard by shard under a mesh, is stored a chunk per shard)."""

@@ -116,7 +116,7 @@ def _leaves_host_bytes(c: K2Config, specs) -> int:
     arrays[_leaf_of(name)].append((shape, DTYPES[dt].itemsize))
   whole, streamed = [layout.BATCH_BYTES], [0]
   for path, arrs in arrays.items():
-    gated = [layout.chunk_axes(shape, size) is not None for shape, size in arrs]
+    gated = layout.sliced(arrs)
     if path in stacked and any(gated):
       rows = arrs[0][0][0]
       row_bytes = [math.prod(shape) * size // rows for shape, size in arrs]

@@ -73,7 +73,7 @@ def _streamed(slices, one: Callable, pool, stream, on_slice):
   try:
     for s in slices:
       stream.admit(s[0])
-      futures.append(pool.submit(one, *s) if pool is not None else _done(one(*s)))
+      futures.append(pool.submit(one, *s))
       while reported < len(futures) and futures[reported].done():
         n = futures[reported].result()
         reported += 1
@@ -87,20 +87,14 @@ def _streamed(slices, one: Callable, pool, stream, on_slice):
   return _results(futures[reported:])
 
 
-def _done(value) -> concurrent.futures.Future:
-  f: concurrent.futures.Future = concurrent.futures.Future()
-  f.set_result(value)
-  return f
-
-
 def read_leaf(leaf: hf.Leaf, ckpt: Checkpoint, dtype, keep_int4: bool, empty: Callable = np.empty,
               pool: concurrent.futures.Executor | None = None, on_slice: Callable[[int], None] | None = None,
               stream=None):
   """A whole leaf in host memory (numpy, or an INT4 QuantizedWeight of numpy) in buffers from
   `empty(shape, dtype)`, each slice read and copied into place once, slices in parallel on `pool`.
   `on_slice(n)`: called with the checkpoint bytes of each slice done (progress). `stream`: a
-  `streaming.RowStream` over the buffers, being written meanwhile: a layer's slices are read only once
-  it admits them, and each one done is reported to it."""
+  `streaming.RowStream` over the buffers, being written meanwhile (with a `pool`): a layer's slices are
+  read only once it admits them, and each one done is reported to it."""
   outs = tuple(empty(shape, dt) for shape, dt in leaf_arrays(leaf, ckpt, dtype, keep_int4))
 
   def one(layer, expert) -> int:

@@ -49,7 +49,6 @@ class RowStream:
 
   def __init__(self, rows: int, slices_per_row: int, window: int, ahead_bytes: int = 0):
     self.rows = rows
-    self.slices_per_row = slices_per_row
     self.window = window
     self.ahead_bytes = ahead_bytes
     self.cond = threading.Condition()
@@ -66,10 +65,10 @@ class RowStream:
   def empty(self, shape, dtype, gated: bool) -> np.ndarray:
     """A zero-backed array of `shape` whose pages exist only once filled (and go once written)."""
     dtype = np.dtype(dtype)
-    n = max(1, math.prod(shape) * dtype.itemsize)
+    nbytes = math.prod(shape) * dtype.itemsize
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-    m = mmap.mmap(-1, n, flags=flags)
-    a = np.frombuffer(m, np.uint8)[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+    m = mmap.mmap(-1, max(1, nbytes), flags=flags)
+    a = np.frombuffer(m, np.uint8)[:nbytes].view(dtype).reshape(shape)
     address = _address(a)
     self.maps[address] = m
     self.arrays.append(a)

@@ -122,8 +122,6 @@ def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True, m
   first: `tts.run` calls it before it makes the workdir). With `mesh`, the warm start and RL train on it
   (as `k2-train --mesh` and `k2-rl --mesh` do) and the models load into the engine's shards; a model
   trained on one layout is reused on another (the same model, to rounding)."""
-  import contextlib  # noqa: PLC0415
-
   from k2jax import sharding  # noqa: PLC0415
   from k2jax.train import checkpointing, trainer  # noqa: PLC0415
   record_path = workdir / TRAIN_RECORD
@@ -143,7 +141,7 @@ def prepare(cfg, workdir: Path, rl_steps: list[int], *, progress: bool = True, m
     if not data_path.exists():
       _write_jsonl(data_path, sft_conversations(cfg))
     sft_cfg.data.train = str(data_path)
-    with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with sharding.on_mesh(mesh):
       trainer.train(sft_cfg, sft_dir, mesh)
   else:
     print(f"reusing the warm-start model in {sft_dir}")

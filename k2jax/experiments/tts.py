@@ -183,7 +183,7 @@ def run_sweep(cfg, plan: Plan, models, tokenizer, config, workdir: Path, *, prog
     if key not in tasks_of:
       tasks_of[key] = [_env(cfg, key[0]).reset(s) for s in envs.task_seeds("eval", key[1])]
   # The engine reads the mesh from the context (training set up its own).
-  with (sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else _null()):
+  with sharding.on_mesh(mesh, sharding.inference_rules(mesh)):
     results = _measure_points(cfg, plan, models, tokenizer, config, points, tasks_of, bar, mesh, moe_impl)
   plots.write_plots(workdir, results)
   return results
@@ -260,7 +260,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, checkpoint: str 
     workdir.mkdir(parents=True, exist_ok=True)
     rl_steps = sorted(set(plan.axes.get("rl_step", [])))
     if train_on_mesh is None:
-      train_on_mesh = mesh is not None and mesh.devices.flat[0].platform != "cpu"
+      train_on_mesh = mesh is not None and sharding.mesh_platform(mesh) != "cpu"
     store = training.prepare(cfg, workdir, rl_steps, progress=progress, mesh=mesh if train_on_mesh else None)
     models, config = store.params, store.config
     tokenizer = cli_common.load_tokenizer(None, config)
@@ -310,11 +310,6 @@ def main(argv) -> None:
     raise app.UsageError(str(e)) from None
   print(format_table(results))
   print(f"\nwrote {', '.join(RESULT_FILES)} and one PNG per axis to {FLAGS.workdir}")
-
-
-def _null():
-  import contextlib  # noqa: PLC0415
-  return contextlib.nullcontext()
 
 
 def run_cli() -> None:

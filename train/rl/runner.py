@@ -13,7 +13,6 @@ same rollouts (keys and tasks follow from the step) and the same losses.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -127,19 +126,14 @@ def warm_start(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -
     return wdir
   data_path = wdir / "sft.jsonl"
   write_sft_data(make_env(cfg), data_path, cfg.warm_start.examples)
-  with _learning(mesh):
+  with sharding.on_mesh(mesh):  # the learner's context: the mesh's training rules
     trainer.train(warm_start_config(cfg, data_path), wdir, mesh)
   return wdir
 
 
-def _learning(mesh):
-  """The context the learner (and the warm start) trace under: the mesh's training rules."""
-  return sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
 def _sampling(mesh):
   """The context the engine's rollouts trace under: the rules the engine runs with on this mesh."""
-  return sharding.use_mesh(mesh, sharding.inference_rules(mesh)) if mesh is not None else contextlib.nullcontext()
+  return sharding.on_mesh(mesh, sharding.inference_rules(mesh))
 
 
 # ------------------------------------------------------------------ RL
@@ -283,7 +277,7 @@ def train_rl(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh=None) -> 
           shape_pk([s.response_len for s in samples]), shape_pk([s.truncated for s in samples]),
           length_weight=cfg.length_penalty_weight, truncation_penalty=cfg.truncation_penalty).reshape(-1)
       batch = {**ro.to_batch(samples, cfg.seq_len), "rewards": rewards}
-      with _learning(mesh):
+      with sharding.on_mesh(mesh):
         state, metrics = step_fn(state, batch, ptx.next_batch() if ptx is not None else None)
       done = step + 1
       row = {"step": done, **step_rows(samples, scores, rewards), "temperature": temp,
